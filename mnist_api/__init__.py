@@ -1,0 +1,1 @@
+"""MNIST digit prediction service."""

@@ -1,0 +1,97 @@
+"""Typed errors of the service, one per contract `code`, each carrying its HTTP status.
+
+They are plain exceptions (no Flask import) so the pure modules (preprocessing, model) can
+raise them; `mnist_api.http_errors` turns them into the contract's JSON shape.
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base class: an error a client can act on, with a stable `code` and a status."""
+
+    status: int = 500
+    code: str = "internal_error"
+    message: str = "Something went wrong on our side; it has been logged."
+
+    def __init__(self, message: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message or self.message)
+        if message:
+            self.message = message
+        self.headers = headers or {}
+
+    def to_dict(self) -> dict[str, str]:
+        """The contract's error body."""
+        return {"error": self.message, "code": self.code}
+
+
+class MissingFile(ServiceError):
+    status = 400
+    code = "missing_file"
+    message = "Send an image: a multipart field named 'file' or the raw bytes as the body."
+
+
+class InvalidImage(ServiceError):
+    status = 400
+    code = "invalid_image"
+    message = "The file could not be read as an image; it may be corrupt or truncated."
+
+
+class TooManyFiles(ServiceError):
+    status = 400
+    code = "too_many_files"
+    message = "Too many files in one batch."
+
+
+class Unauthorized(ServiceError):
+    status = 401
+    code = "unauthorized"
+    message = "Send a valid API key in the 'x-api-key' header."
+
+
+class NotFound(ServiceError):
+    status = 404
+    code = "not_found"
+    message = "There is nothing at this URL; see /docs for the routes."
+
+
+class MethodNotAllowed(ServiceError):
+    status = 405
+    code = "method_not_allowed"
+    message = "This route does not accept that HTTP method; see /docs."
+
+
+class PayloadTooLarge(ServiceError):
+    status = 413
+    code = "payload_too_large"
+    message = "The request body is larger than the service accepts."
+
+
+class ImageTooLarge(ServiceError):
+    status = 413
+    code = "image_too_large"
+    message = "The image has more pixels than the service accepts; send a smaller image."
+
+
+class UnsupportedMediaType(ServiceError):
+    status = 415
+    code = "unsupported_media_type"
+    message = "Send a PNG, JPEG, GIF, WEBP or BMP image."
+
+
+class BlankImage(ServiceError):
+    status = 422
+    code = "blank_image"
+    message = "The image is blank: no digit could be found in it."
+
+
+class RateLimited(ServiceError):
+    status = 429
+    code = "rate_limited"
+    message = "Too many requests for this API key; retry after the time in 'Retry-After'."
+
+
+class NotReady(ServiceError):
+    status = 503
+    code = "not_ready"
+    message = "The model is not loaded yet; retry in a moment."
