@@ -88,8 +88,12 @@ class DigitModel:
 
     @property
     def ready(self) -> bool:
-        """True once the model is loaded and a warm-up inference ran in this process."""
-        return self._loaded_pid == os.getpid()
+        """True once the model is loaded and a warm-up inference ran.
+
+        A forked child inherits this, but never an interpreter: `_interpreter()` makes new
+        ones per process, so the model stays safe to use after gunicorn forks.
+        """
+        return self._loaded_pid is not None
 
     def load(self) -> None:
         """Read the model and its card, check the input layout, and run a warm-up inference."""
@@ -125,7 +129,7 @@ class DigitModel:
         interpreter.set_tensor(self.input_spec.index, self._quantize(batch))
         interpreter.invoke()
         logits = interpreter.get_tensor(self.output_spec.index)[:count]
-        return softmax(self._dequantize(logits))
+        return softmax(self._dequantize(np.asarray(logits)))
 
     def _quantize(self, batch: np.ndarray) -> np.ndarray:
         spec = self.input_spec
@@ -171,4 +175,5 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax, numerically stable."""
     shifted = logits - logits.max(axis=-1, keepdims=True)
     exp = np.exp(shifted)
-    return exp / exp.sum(axis=-1, keepdims=True)
+    probabilities: np.ndarray = exp / exp.sum(axis=-1, keepdims=True)
+    return probabilities

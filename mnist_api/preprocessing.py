@@ -154,7 +154,8 @@ def _decode_grey(image: Image.Image, scale: int) -> tuple[np.ndarray, np.ndarray
             image.load()
             remaining = scale // max(1, round(full_width / image.width))
             if remaining > 1:
-                image = _reducible(image).reduce(remaining)  # box-average what draft mode did not do
+                # Box-average whatever draft mode did not reduce (and non-JPEG images).
+                image = _reducible(image).reduce(remaining)
             image = ImageOps.exif_transpose(image)
             return _grey_and_alpha(image)
     except Exception as exc:  # truncated data and decoder faults are the client's file

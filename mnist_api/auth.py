@@ -1,0 +1,48 @@
+"""API-key authentication: header `x-api-key`, keys from settings, constant-time comparison."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+from apiflask import APIKeyHeaderAuth
+from flask import current_app, g
+
+from mnist_api.errors import Unauthorized
+
+API_KEY_HEADER = "x-api-key"
+
+api_key_auth = APIKeyHeaderAuth(
+    name="ApiKeyAuth",
+    param_name=API_KEY_HEADER,
+    description="Send one of the service's API keys in the `x-api-key` header.",
+)
+
+
+def key_fingerprint(key: str) -> str:
+    """A short, non-reversible tag for a key, safe to log (never log the key itself)."""
+    return hashlib.sha256(key.encode()).hexdigest()[:8]
+
+
+def key_matches(candidate: str, keys: tuple[str, ...]) -> bool:
+    """True if `candidate` equals one of `keys`; every key is compared in constant time."""
+    given = candidate.encode()
+    found = False
+    for key in keys:
+        found |= hmac.compare_digest(given, key.encode())
+    return found
+
+
+@api_key_auth.verify_token
+def _verify(token: str) -> str | None:
+    keys: tuple[str, ...] = current_app.extensions["mnist_settings"].api_keys
+    if token and key_matches(token, keys):
+        fingerprint = key_fingerprint(token)
+        g.api_key_fingerprint = fingerprint
+        return fingerprint
+    return None
+
+
+@api_key_auth.error_handler
+def _unauthorized(status: int) -> None:
+    raise Unauthorized()

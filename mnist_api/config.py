@@ -1,0 +1,115 @@
+"""The one place that reads the environment: typed settings with defaults.
+
+`Settings.from_env()` turns environment variables into a frozen object; everything else
+receives that object (the app factory, gunicorn.conf.py, the worker) and never reads
+`os.environ` itself. Tests build `Settings` directly or override fields with `replace()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+MIB = 1024 * 1024
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message names the variable to fix."""
+
+
+def _text(env: Mapping[str, str], name: str, default: str) -> str:
+    value = env.get(name, "").strip()
+    return value or default
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from exc
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from exc
+
+
+def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in env.get(name, "").split(",") if item.strip())
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of the service, typed. Field docs are in the README's table."""
+
+    api_keys: tuple[str, ...] = ()
+    model_path: Path = PROJECT_ROOT / "models" / "mnist_cnn_int8.tflite"
+    model_card_path: Path = PROJECT_ROOT / "models" / "model_card.json"
+    max_content_length: int = 10 * MIB
+    max_image_pixels: int = 50_000_000
+    batch_max_files: int = 64
+    cors_origins: tuple[str, ...] = ("*",)
+    log_level: str = "INFO"
+    log_format: str = "json"
+    # Server (read by gunicorn.conf.py)
+    port: int = 8000
+    web_concurrency: int = 2
+    threads: int = 4
+    timeout: int = 25
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read settings from `env` (default: the process environment)."""
+        env = os.environ if env is None else env
+        keys = _list(env, "API_KEYS") or _list(env, "API_KEY")
+        model_path = Path(_text(env, "MODEL_PATH", str(cls.model_path)))
+        default_card = model_path.with_name("model_card.json")
+        return cls(
+            api_keys=keys,
+            model_path=model_path,
+            model_card_path=Path(_text(env, "MODEL_CARD_PATH", str(default_card))),
+            max_content_length=_int(env, "MAX_CONTENT_LENGTH", cls.max_content_length, 1),
+            max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", cls.max_image_pixels, 1),
+            batch_max_files=_int(env, "BATCH_MAX_FILES", cls.batch_max_files, 1),
+            cors_origins=_list(env, "CORS_ORIGINS") or cls.cors_origins,
+            log_level=_text(env, "LOG_LEVEL", cls.log_level).upper(),
+            log_format=_text(env, "LOG_FORMAT", cls.log_format).lower(),
+            port=_int(env, "PORT", cls.port, 1),
+            web_concurrency=_int(env, "WEB_CONCURRENCY", cls.web_concurrency, 1),
+            threads=_int(env, "GUNICORN_THREADS", cls.threads, 1),
+            timeout=_int(env, "GUNICORN_TIMEOUT", cls.timeout, 1),
+        )
+
+    def replace(self, **changes: object) -> Settings:
+        """A copy with some fields changed (for tests and tools)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    def validate(self) -> None:
+        """Refuse to run without what production needs; the message says what to set."""
+        if not self.api_keys:
+            raise ConfigError(
+                "No API key is configured: set API_KEY to a secret (or API_KEYS to a "
+                "comma-separated list) before starting the service."
+            )
+        if self.log_format not in ("json", "text"):
+            raise ConfigError(f"LOG_FORMAT must be 'json' or 'text', got {self.log_format!r}")
+        if not self.model_path.is_file():
+            raise ConfigError(
+                f"MODEL_PATH points to no file ({self.model_path.name}); run `make model` "
+                "or set MODEL_PATH to the .tflite model."
+            )

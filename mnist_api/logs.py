@@ -1,0 +1,77 @@
+"""loguru as the only logger: JSON lines on stdout (Heroku's log stream) or text for a person.
+
+Standard-library logging (Flask, werkzeug, gunicorn) is routed into loguru by
+`InterceptHandler`, so every line has one shape and none is printed twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import traceback
+from contextvars import ContextVar
+from typing import Any
+
+from loguru import logger
+
+TEXT_FORMAT = (
+    "<green>{time:YYYY-MM-DD HH:mm:ss.SSS}</green> <level>{level: <8}</level> "
+    "<level>{message}</level> <dim>{extra}</dim>"
+)
+
+
+# The id of the request being served by this thread, added to every log line it writes.
+request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
+
+
+def _add_request_id(record: Any) -> None:
+    request_id = request_id_var.get()
+    if request_id is not None:
+        record["extra"].setdefault("request_id", request_id)
+
+
+class InterceptHandler(logging.Handler):
+    """Send standard-library log records to loguru, keeping their level and origin."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Forward one record."""
+        try:
+            level: str | int = logger.level(record.levelname).name
+        except ValueError:
+            level = record.levelno
+        logger.opt(exception=record.exc_info).bind(logger=record.name).log(
+            level, record.getMessage()
+        )
+
+
+def _json_sink(message: Any) -> None:
+    """Write one record as one JSON object per line."""
+    record = message.record
+    payload: dict[str, Any] = {
+        "time": record["time"].isoformat(),
+        "level": record["level"].name,
+        "message": record["message"],
+    }
+    payload.update(record["extra"])
+    if record["exception"] is not None:
+        kind, value, tb = record["exception"]
+        # Type and stack only: variable values never reach the logs (diagnose off).
+        payload["exception"] = "".join(traceback.format_exception(kind, value, tb))
+    sys.stdout.write(json.dumps(payload, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
+    """Install the one sink and route standard logging into it (idempotent)."""
+    logger.remove()
+    logger.configure(patcher=_add_request_id)
+    if fmt == "json":
+        logger.add(_json_sink, level=level, diagnose=False, backtrace=False)
+    else:
+        logger.add(sys.stdout, level=level, format=TEXT_FORMAT, diagnose=False, colorize=None)
+    logging.basicConfig(handlers=[InterceptHandler()], level=0, force=True)
+    for name in ("werkzeug", "flask", "gunicorn.error", "gunicorn.access", "celery"):
+        std = logging.getLogger(name)
+        std.handlers = []
+        std.propagate = True

@@ -1,0 +1,57 @@
+"""Per-request bookkeeping: the `X-Request-ID` header and one log line per request."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+
+from flask import Flask, Response, g, request
+from loguru import logger
+
+from mnist_api.logs import request_id_var
+
+REQUEST_ID_HEADER = "X-Request-ID"
+_MAX_ID_LENGTH = 128
+_UNSAFE = re.compile(r"[^A-Za-z0-9._:-]")
+
+
+def clean_request_id(raw: str | None) -> str:
+    """The client's id made safe to echo and log (bounded, no control characters), or a new one."""
+    cleaned = _UNSAFE.sub("", raw or "")[:_MAX_ID_LENGTH]
+    return cleaned or uuid.uuid4().hex
+
+
+def init_app(app: Flask) -> None:
+    """Attach the request id to every request, response and log line."""
+
+    @app.before_request
+    def _start() -> None:
+        g.started = time.perf_counter()
+        g.request_id = clean_request_id(request.headers.get(REQUEST_ID_HEADER))
+        request_id_var.set(g.request_id)
+
+    @app.after_request
+    def _finish(response: Response) -> Response:
+        request_id = g.get("request_id") or clean_request_id(None)
+        response.headers[REQUEST_ID_HEADER] = request_id
+        started = g.get("started")
+        latency_ms = (time.perf_counter() - started) * 1000.0 if started else 0.0
+        rule = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
+        logger.bind(
+            request_id=request_id,
+            method=request.method,
+            route=rule,
+            status=response.status_code,
+            latency_ms=round(latency_ms, 2),
+            cache=response.headers.get("X-Cache"),
+            digit=g.get("digit"),
+            model_version=g.get("model_version"),
+            key=g.get("api_key_fingerprint"),
+            code=g.get("error_code"),
+        ).info("request")
+        return response
+
+    @app.teardown_request
+    def _forget(_exc: BaseException | None) -> None:
+        request_id_var.set(None)

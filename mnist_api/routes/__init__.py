@@ -1,0 +1,1 @@
+"""HTTP routes: `api` (keyed predictions), `ops` (health, readiness), `web` (the page, docs)."""

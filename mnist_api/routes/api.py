@@ -1,0 +1,76 @@
+"""The keyed API: /predict, /predict/batch and /model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from apiflask import APIBlueprint
+from flask import g, request
+
+from mnist_api import schemas, uploads
+from mnist_api.auth import api_key_auth
+from mnist_api.extensions import get_model, get_service, get_settings
+
+bp = APIBlueprint("api", __name__, tag="Predictions")
+
+UPLOAD_ERRORS = [400, 401, 413, 415, 422, 503]
+
+
+@bp.post("/predict")
+@bp.auth_required(api_key_auth)
+@bp.input(schemas.Upload, location="files", validation=False, arg_name="_form")
+@bp.output(schemas.Prediction, headers=schemas.CacheHeaders)
+@bp.doc(
+    summary="Predict the digit in one image",
+    description=(
+        "Send the image as multipart field `file`, or as the raw body with "
+        "`Content-Type: image/png|jpeg|gif|webp|bmp`."
+    ),
+    responses=UPLOAD_ERRORS,
+)
+def predict(_form: Any) -> tuple[dict[str, Any], int, dict[str, str]]:
+    """Predict one upload."""
+    data = uploads.read_single(request)
+    result = get_service().predict(data)
+    g.digit = result["prediccion"]
+    g.model_version = result["model_version"]
+    return result, 200, {"X-Cache": "HIT" if result["cached"] else "MISS"}
+
+
+@bp.post("/predict/batch")
+@bp.auth_required(api_key_auth)
+@bp.input(schemas.BatchUpload, location="files", validation=False, arg_name="_form")
+@bp.output(schemas.BatchResult)
+@bp.doc(
+    summary="Predict the digits of several images at once",
+    description="One `files` part per image; a bad file gets its own error in place.",
+    responses=[400, 401, 413, 415, 503],
+)
+def predict_batch(_form: Any) -> dict[str, Any]:
+    """Predict a batch of uploads with one model call."""
+    settings = get_settings()
+    service = get_service()
+    results = service.predict_many(uploads.read_batch(request, settings.batch_max_files))
+    predictions = [item if isinstance(item, dict) else item.to_dict() for item in results]
+    g.model_version = service.model_version
+    return {"predictions": predictions, "model_version": service.model_version}
+
+
+@bp.get("/model")
+@bp.auth_required(api_key_auth)
+@bp.output(schemas.ModelInfo)
+@bp.doc(summary="Describe the model in use (from its model card)", responses=[401])
+def model_info() -> dict[str, Any]:
+    """The model card, checked against the file actually loaded."""
+    model = get_model()
+    card = model.card
+    return {
+        **card,
+        "name": card.get("name", "mnist-cnn-int8"),
+        "version": model.version,
+        "model_version": model.full_version,
+        "sha256": model.sha256,
+        "card_matches_file": not model.card_mismatch(),
+        "metrics": card.get("metrics", {}),
+        "created": card.get("created", ""),
+    }

@@ -1,0 +1,32 @@
+"""Public operational routes: liveness and readiness (no key, cheap, never cached)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from apiflask import APIBlueprint
+
+from mnist_api import schemas
+from mnist_api.errors import NotReady
+from mnist_api.extensions import get_model
+
+bp = APIBlueprint("ops", __name__, tag="Operations")
+
+
+@bp.get("/healthz")
+@bp.output(schemas.Health)
+@bp.doc(summary="Liveness: the process serves")
+def healthz() -> dict[str, str]:
+    """Always ok while the process answers."""
+    return {"status": "ok"}
+
+
+@bp.get("/readyz")
+@bp.output(schemas.Readiness)
+@bp.doc(summary="Readiness: the model is loaded and warmed up", responses=[503])
+def readyz() -> dict[str, Any]:
+    """200 with the state of each part once the model can answer; 503 before."""
+    model = get_model()
+    if not model.ready:
+        raise NotReady()
+    return {"status": "ready", "model": model.full_version, "cache": "off", "broker": "off"}

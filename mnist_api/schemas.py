@@ -1,0 +1,100 @@
+"""Marshmallow schemas: they document the API in /openapi.json and shape its answers."""
+
+from __future__ import annotations
+
+from apiflask import Schema
+from apiflask.fields import Boolean, Dict, File, Float, Integer, List, Nested, String
+from apiflask.validators import Length, Range
+
+
+class Upload(Schema):
+    """One image as multipart field `file` (a raw image body is documented beside it)."""
+
+    file = File(required=True, metadata={"description": "PNG, JPEG, GIF, WEBP or BMP image"})
+
+
+class BatchUpload(Schema):
+    """Several images as repeated multipart fields `files`."""
+
+    files = List(File(), required=True, metadata={"description": "one part per image"})
+
+
+class Prediction(Schema):
+    """The answer for one image."""
+
+    prediccion = Integer(required=True, validate=Range(0, 9), metadata={"example": 7})
+    probabilidad = Float(required=True, validate=Range(0, 1), metadata={"example": 0.9981})
+    probabilities = List(
+        Float(validate=Range(0, 1)),
+        required=True,
+        validate=Length(equal=10),
+        metadata={"description": "probability of each digit 0-9; they sum to 1"},
+    )
+    model_version = String(required=True, metadata={"example": "mnist-cnn-int8-3f2a9c1b7d4e"})
+    cached = Boolean(required=True, metadata={"description": "true when served from the cache"})
+
+
+class CacheHeaders(Schema):
+    """Response headers of /predict."""
+
+    x_cache = String(data_key="X-Cache", metadata={"description": "HIT or MISS"})
+
+
+class Error(Schema):
+    """The one error shape of every route."""
+
+    error = String(required=True, metadata={"description": "a sentence a person can act on"})
+    code = String(required=True, metadata={"description": "stable snake_case code"})
+
+
+class BatchItem(Schema):
+    """A prediction, or the error for that one file (then only `error` and `code`)."""
+
+    prediccion = Integer(validate=Range(0, 9))
+    probabilidad = Float(validate=Range(0, 1))
+    probabilities = List(Float(validate=Range(0, 1)), validate=Length(equal=10))
+    model_version = String()
+    cached = Boolean()
+    error = String()
+    code = String()
+
+
+class BatchResult(Schema):
+    """Answers for a batch, in the order of its parts."""
+
+    predictions = List(Nested(BatchItem), required=True)
+    model_version = String(required=True)
+
+
+class ModelMetrics(Schema):
+    accuracy_float = Float()
+    accuracy_int8 = Float()
+    test_samples = Integer()
+
+
+class ModelInfo(Schema):
+    """What `/model` says about the model in use, from its model card."""
+
+    name = String(required=True)
+    version = String(required=True)
+    model_version = String(required=True)
+    sha256 = String(required=True)
+    input_shape = List(Integer(), required=True)
+    input_dtype = String(required=True)
+    quantization = Dict(required=True)
+    size_bytes = Integer(required=True)
+    labels = List(Integer(), required=True)
+    metrics = Nested(ModelMetrics, required=True)
+    created = String(required=True)
+    card_matches_file = Boolean(required=True)
+
+
+class Health(Schema):
+    status = String(required=True, metadata={"example": "ok"})
+
+
+class Readiness(Schema):
+    status = String(required=True, metadata={"example": "ready"})
+    model = String(required=True)
+    cache = String(required=True, metadata={"description": "redis, memory or degraded"})
+    broker = String(required=True, metadata={"description": "ok, eager or down"})
