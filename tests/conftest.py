@@ -1,0 +1,153 @@
+"""Shared fixtures: settings, the app and its test client, and a real gunicorn over HTTP."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+from apiflask import APIFlask
+from flask.testing import FlaskClient
+
+from mnist_api import create_app
+from mnist_api.config import PROJECT_ROOT, Settings
+
+API_KEYS = ("test-key-one", "test-key-two")
+
+
+@pytest.fixture(scope="session")
+def settings() -> Settings:
+    """Settings for tests: two API keys, the committed model, text logs."""
+    return Settings(api_keys=API_KEYS, log_format="text", log_level="WARNING")
+
+
+@pytest.fixture(scope="session")
+def app(settings: Settings) -> APIFlask:
+    """One app with the real model, loaded once for the session."""
+    application = create_app(settings)
+    application.config["TESTING"] = True
+    return application
+
+
+@pytest.fixture
+def client(app: APIFlask) -> FlaskClient:
+    """A Flask test client of the session app."""
+    return app.test_client()
+
+
+@pytest.fixture
+def auth() -> dict[str, str]:
+    """Headers that carry a valid API key."""
+    return {"x-api-key": API_KEYS[0]}
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def procfile_command(process: str) -> list[str]:
+    """The command of one Procfile line, split as a shell would."""
+    for line in (PROJECT_ROOT / "Procfile").read_text().splitlines():
+        name, _, command = line.partition(":")
+        if name.strip() == process:
+            return shlex.split(command.strip())
+    raise LookupError(f"no {process!r} line in the Procfile")
+
+
+def venv_env(**extra: str) -> dict[str, str]:
+    """This process's environment with the venv's bin first on PATH, plus `extra`."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra)
+    return env
+
+
+@dataclass
+class LiveServer:
+    """A service started as a subprocess, reachable over HTTP on 127.0.0.1."""
+
+    url: str
+    api_key: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        """Everything the server printed so far."""
+        return self.log_path.read_text(errors="replace")
+
+
+def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 30.0) -> float:
+    """Poll /readyz until 200; return the seconds it took. Fails if the process dies."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode} before it was ready")
+        try:
+            if requests.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return time.monotonic() - started
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} was not ready within {timeout} s")
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """Stop a process we started, by its pid: TERM, then KILL if it lingers."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+
+
+def start_web(tmp_dir: Path, **env: str) -> LiveServer:
+    """Start the Procfile's web command with gunicorn on a free port and wait until ready."""
+    port = free_port()
+    log_path = tmp_dir / f"web-{port}.log"
+    environment = venv_env(
+        PORT=str(port),
+        API_KEYS=",".join(API_KEYS),
+        WEB_CONCURRENCY="2",
+        LOG_FORMAT="json",
+        LOG_LEVEL="INFO",
+        **env,
+    )
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            procfile_command("web"),
+            cwd=PROJECT_ROOT,
+            env=environment,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    server = LiveServer(f"http://127.0.0.1:{port}", API_KEYS[0], process, log_path)
+    try:
+        wait_ready(server.url, process)
+    except Exception:
+        stop(process)
+        raise
+    return server
+
+
+@pytest.fixture(scope="session")
+def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """The real service: the Procfile's gunicorn command, 2 workers, the committed model."""
+    server = start_web(tmp_path_factory.mktemp("live"))
+    try:
+        yield server
+    finally:
+        stop(server.process)
