@@ -73,12 +73,7 @@ def seven_png() -> bytes:
     """A black-on-white "7" as an uploaded photo would be, larger than the canvas."""
     image = Image.new("RGB", (400, 400), "white")
     pen = ImageDraw.Draw(image)
-    pen.line(
-        [(110, 80), (290, 80), (240, 200), (170, 330)],
-        fill="black",
-        width=28,
-        joint="curve",
-    )
+    pen.line([(110, 80), (290, 80), (240, 200), (170, 330)], fill="black", width=28, joint="curve")
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
@@ -103,8 +98,7 @@ def test_drawn_seven_is_predicted(page: Page, live_server) -> None:
 
 def test_uploaded_file_is_predicted(page: Page, live_server) -> None:
     page.set_input_files(
-        "#file-input",
-        {"name": "seven.png", "mimeType": "image/png", "buffer": seven_png()},
+        "#file-input", {"name": "seven.png", "mimeType": "image/png", "buffer": seven_png()}
     )
     expect(page.locator("#source-hint")).to_contain_text("seven.png")
     predict(page, live_server.api_key)
