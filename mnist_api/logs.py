@@ -52,6 +52,7 @@ def _json_sink(message: Any) -> None:
         "time": record["time"].isoformat(),
         "level": record["level"].name,
         "message": record["message"],
+        "pid": record["process"].id,
     }
     payload.update(record["extra"])
     if record["exception"] is not None:

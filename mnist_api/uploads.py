@@ -18,14 +18,17 @@ def read_single(request: Request) -> bytes:
         if not data:
             raise MissingFile("The uploaded file is empty.")
         return data
+    if request.mimetype not in ALLOWED_CONTENT_TYPES:
+        # A form body is already parsed by now, so look at its length, not at get_data().
+        if request.content_length or request.form or request.get_data(cache=False):
+            raise UnsupportedMediaType(
+                "Send multipart/form-data with a 'file' field, or the raw image with "
+                "Content-Type image/png, image/jpeg, image/gif, image/webp or image/bmp."
+            )
+        raise MissingFile()
     data = request.get_data(cache=False)
     if not data:
         raise MissingFile()
-    if request.mimetype not in ALLOWED_CONTENT_TYPES:
-        raise UnsupportedMediaType(
-            "Send multipart/form-data with a 'file' field, or the raw image with "
-            "Content-Type image/png, image/jpeg, image/gif, image/webp or image/bmp."
-        )
     return data
 
 

@@ -1,0 +1,51 @@
+# The two commands a person needs: `make run` (serve) and `make test` (everything CI checks).
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+PORT ?= 8000
+# A development key for `make run` only; production refuses to start without API_KEY(S).
+API_KEY ?= dev-key
+
+.PHONY: run test lint model system-deps clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.deploy-installed: requirements.txt | $(BIN)/python
+	$(BIN)/pip install --quiet -r requirements.txt
+	touch $@
+
+$(VENV)/.dev-installed: requirements.txt requirements-dev.txt requirements-train.txt | $(BIN)/python
+	$(BIN)/pip install --quiet -r requirements-dev.txt -r requirements-train.txt
+	touch $@ $(VENV)/.deploy-installed
+
+## run: serve the app with gunicorn on http://127.0.0.1:$(PORT) (no Redis, no broker needed)
+run: $(VENV)/.deploy-installed
+	@echo "Serving on http://127.0.0.1:$(PORT)  -  API key: $(API_KEY)"
+	@echo "Try: curl -H 'x-api-key: $(API_KEY)' -F file=@digit.png http://127.0.0.1:$(PORT)/predict"
+	PORT=$(PORT) API_KEY=$(API_KEY) WEB_CONCURRENCY=$${WEB_CONCURRENCY:-1} \
+		LOG_FORMAT=$${LOG_FORMAT:-text} $(BIN)/gunicorn api:app -c gunicorn.conf.py
+
+## system-deps: Debian packages the tests drive (Chromium, redis-server)
+system-deps:
+	bash scripts/install-system-deps.sh
+
+## lint: ruff (lint + format check) and mypy
+lint: $(VENV)/.dev-installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+## test: static analysis, then the whole pytest suite
+test: system-deps lint
+	$(BIN)/python -m pytest
+
+## model: retrain the CNN and rebuild the int8 model and its card in models/
+model: $(VENV)/.dev-installed
+	$(BIN)/python train_model.py
+	$(BIN)/python quantize_model.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
