@@ -9,6 +9,7 @@ from flask_cors import CORS
 from loguru import logger
 
 from mnist_api import error_handlers, extensions, request_context, schemas
+from mnist_api.cache import build_cache
 from mnist_api.config import Settings
 from mnist_api.logs import configure_logging
 from mnist_api.model import DigitModel
@@ -43,8 +44,10 @@ def create_app(settings: Settings | None = None, *, load_model: bool = True) -> 
 
     model = DigitModel(settings.model_path, settings.model_card_path)
     app.extensions[extensions.MODEL] = model
+    cache = build_cache(settings)
+    app.extensions[extensions.CACHE] = cache
     app.extensions[extensions.SERVICE] = PredictionService(
-        model, Limits(max_pixels=settings.max_image_pixels)
+        model, Limits(max_pixels=settings.max_image_pixels), cache
     )
 
     CORS(

@@ -64,6 +64,11 @@ class Settings:
     max_image_pixels: int = 50_000_000
     batch_max_files: int = 64
     cors_origins: tuple[str, ...] = ("*",)
+    redis_url: str = ""
+    cache_ttl_seconds: int = 3600
+    cache_max_items: int = 10_000
+    cache_socket_timeout: float = 0.1
+    cache_retry_seconds: float = 1.0
     log_level: str = "INFO"
     log_format: str = "json"
     # Server (read by gunicorn.conf.py)
@@ -87,6 +92,11 @@ class Settings:
             max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", cls.max_image_pixels, 1),
             batch_max_files=_int(env, "BATCH_MAX_FILES", cls.batch_max_files, 1),
             cors_origins=_list(env, "CORS_ORIGINS") or cls.cors_origins,
+            redis_url=_text(env, "REDIS_URL", cls.redis_url),
+            cache_ttl_seconds=_int(env, "CACHE_TTL_SECONDS", cls.cache_ttl_seconds, 1),
+            cache_max_items=_int(env, "CACHE_MAX_ITEMS", cls.cache_max_items, 1),
+            cache_socket_timeout=_float(env, "CACHE_SOCKET_TIMEOUT", cls.cache_socket_timeout),
+            cache_retry_seconds=_float(env, "CACHE_RETRY_SECONDS", cls.cache_retry_seconds),
             log_level=_text(env, "LOG_LEVEL", cls.log_level).upper(),
             log_format=_text(env, "LOG_FORMAT", cls.log_format).lower(),
             port=_int(env, "PORT", cls.port, 1),

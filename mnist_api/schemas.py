@@ -87,6 +87,7 @@ class ModelInfo(Schema):
     metrics = Nested(ModelMetrics, required=True)
     created = String(required=True)
     card_matches_file = Boolean(required=True)
+    cache = String(required=True, metadata={"description": "cache backend: redis or memory"})
 
 
 class Health(Schema):

@@ -1,16 +1,19 @@
 """The service layer: upload bytes in, the contract's prediction object out.
 
-Views call this; it owns the order of work (decode and preprocess, then one model call for
-the whole batch) so the HTTP layer holds no NumPy and the worker can reuse it as is.
+Views call this; it owns the order of work (hash, look up the cache, decode and preprocess
+the misses, one model call for all of them, store the answers) so the HTTP layer holds no
+NumPy and the Celery worker can reuse it as is.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from mnist_api.cache import PredictionCache, cache_key
 from mnist_api.errors import NotReady, ServiceError
 from mnist_api.model import DigitModel
 from mnist_api.preprocessing import Limits, preprocess
@@ -23,41 +26,65 @@ DECIMALS = 6
 
 @dataclass
 class PredictionService:
-    """Turns uploads into predictions with one model and one set of limits."""
+    """Turns uploads into predictions with one model, one cache and one set of limits."""
 
     model: DigitModel
     limits: Limits
+    cache: PredictionCache
 
     @property
     def model_version(self) -> str:
         """The `model_version` every answer carries."""
         return self.model.full_version
 
+    def key_for(self, data: bytes) -> str:
+        """The cache key of an upload: model version and SHA-256 of the bytes as sent."""
+        return cache_key(self.model_version, hashlib.sha256(data).hexdigest())
+
     def predict(self, data: bytes) -> Prediction:
         """Predict one upload; raises a `ServiceError` subclass for a bad upload."""
-        self._require_ready()
-        image = preprocess(data, self.limits)
-        return self._shape(self.model.predict(image[np.newaxis])[0])
+        result = self.predict_many([data])[0]
+        if isinstance(result, ServiceError):
+            raise result
+        return result
 
     def predict_many(self, uploads: list[bytes]) -> list[Prediction | ServiceError]:
-        """Predict a batch in one interpreter call; a bad upload yields its error in place."""
+        """Predict a batch: one cache round trip, one interpreter call for all the misses.
+
+        A bad upload yields its error in its place; identical uploads are computed once.
+        """
         self._require_ready()
-        results: list[Prediction | ServiceError] = []
+        keys = [self.key_for(data) for data in uploads]
+        results: list[Prediction | ServiceError | None] = [
+            {**hit, "cached": True} if hit is not None else None
+            for hit in self.cache.get_many(keys)
+        ]
+        pending: dict[str, list[int]] = {}  # key -> the slots waiting for its answer
         images: list[np.ndarray] = []
-        slots: list[int] = []
-        for data in uploads:
+        for slot, (data, key) in enumerate(zip(uploads, keys, strict=True)):
+            if results[slot] is not None:
+                continue
+            if key in pending:
+                pending[key].append(slot)
+                continue
             try:
                 images.append(preprocess(data, self.limits))
             except ServiceError as error:
-                results.append(error)
+                results[slot] = error
                 continue
-            slots.append(len(results))
-            results.append({})  # filled below, once the model has run on every good image
+            pending[key] = [slot]
         if images:
+            fresh: dict[str, Prediction] = {}
             probabilities = self.model.predict(np.stack(images))
-            for slot, row in zip(slots, probabilities, strict=True):
-                results[slot] = self._shape(row)
-        return results
+            for (key, slots), row in zip(pending.items(), probabilities, strict=True):
+                answer = self._shape(row)
+                fresh[key] = answer
+                for slot in slots:
+                    results[slot] = answer
+            self.cache.set_many(fresh)
+        answered = [result for result in results if result is not None]
+        assert len(answered) == len(uploads), "every upload gets an answer or an error"
+        return answered
 
     def _require_ready(self) -> None:
         if not self.model.ready:

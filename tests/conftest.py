@@ -19,6 +19,7 @@ from flask.testing import FlaskClient
 
 from mnist_api import create_app
 from mnist_api.config import PROJECT_ROOT, Settings
+from mnist_api.extensions import CACHE
 
 API_KEYS = ("test-key-one", "test-key-two")
 
@@ -39,7 +40,8 @@ def app(settings: Settings) -> APIFlask:
 
 @pytest.fixture
 def client(app: APIFlask) -> FlaskClient:
-    """A Flask test client of the session app."""
+    """A Flask test client of the session app, its in-memory cache emptied first."""
+    app.extensions[CACHE].clear()
     return app.test_client()
 
 

@@ -17,7 +17,7 @@ def test_accuracy_on_user_style_uploads(live_server: LiveServer) -> None:
     headers = {"x-api-key": live_server.api_key, "Content-Type": "image/jpeg"}
 
     def predict(data: bytes) -> int:
-        response = session.post(
+        response = requests.post(
             f"{live_server.url}/predict", data=data, headers=headers, timeout=10
         )
         assert response.status_code == 200, response.text

@@ -73,7 +73,9 @@ def test_multipart_and_raw_agree(client: FlaskClient, auth: dict[str, str]) -> N
     data = png_of(8)
     multipart = client.post("/predict", data={"file": (io.BytesIO(data), "a.png")}, headers=auth)
     raw = client.post("/predict", data=data, headers={**auth, "Content-Type": "image/png"})
-    assert multipart.get_json() == raw.get_json()
+    first, second = multipart.get_json(), raw.get_json()
+    assert (first["cached"], second["cached"]) == (False, True)  # same bytes: a cache hit
+    assert {**first, "cached": True} == second
 
 
 def test_request_id_is_echoed_sanitised_or_generated(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import requests
 
@@ -41,8 +42,12 @@ def test_public_routes_over_http(live_server: LiveServer) -> None:
 
 
 def test_each_worker_loads_the_model_after_the_fork(live_server: LiveServer) -> None:
-    loaded = [r for r in log_records(live_server) if "loaded and warmed up" in r["message"]]
-    pids = {r["pid"] for r in loaded}
+    deadline = time.monotonic() + 20  # /readyz answered once the first worker was ready
+    pids: set[int] = set()
+    while len(pids) < 2 and time.monotonic() < deadline:
+        loaded = [r for r in log_records(live_server) if "loaded and warmed up" in r["message"]]
+        pids = {r["pid"] for r in loaded}
+        time.sleep(0.1)
     assert len(pids) == 2  # WEB_CONCURRENCY=2: one load per worker ...
     assert live_server.process.pid not in pids  # ... and none in the master
 

@@ -9,7 +9,7 @@ from flask import g, request
 
 from mnist_api import schemas, uploads
 from mnist_api.auth import api_key_auth
-from mnist_api.extensions import get_model, get_service, get_settings
+from mnist_api.extensions import get_cache, get_model, get_service, get_settings
 
 bp = APIBlueprint("api", __name__, tag="Predictions")
 
@@ -71,6 +71,7 @@ def model_info() -> dict[str, Any]:
         "model_version": model.full_version,
         "sha256": model.sha256,
         "card_matches_file": not model.card_mismatch(),
+        "cache": get_cache().backend,
         "metrics": card.get("metrics", {}),
         "created": card.get("created", ""),
     }

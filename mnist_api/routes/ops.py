@@ -8,7 +8,7 @@ from apiflask import APIBlueprint
 
 from mnist_api import schemas
 from mnist_api.errors import NotReady
-from mnist_api.extensions import get_model
+from mnist_api.extensions import get_cache, get_model
 
 bp = APIBlueprint("ops", __name__, tag="Operations")
 
@@ -29,4 +29,9 @@ def readyz() -> dict[str, Any]:
     model = get_model()
     if not model.ready:
         raise NotReady()
-    return {"status": "ready", "model": model.full_version, "cache": "off", "broker": "off"}
+    return {
+        "status": "ready",
+        "model": model.full_version,
+        "cache": get_cache().status(),
+        "broker": "off",
+    }

@@ -1,0 +1,221 @@
+"""The prediction cache: Redis when `REDIS_URL` is set, else a bounded in-process LRU.
+
+Keys are `pred:<model version>:<sha256 of the uploaded bytes>`, so a new model never serves
+an old answer and a hit skips decoding, preprocessing and inference. Values are the JSON
+answer. The cache is an optimisation, never a dependency: when Redis is down, refusing or
+slow, every call returns "miss" within a short socket timeout, the incident is logged once,
+and Redis is retried in the background of later calls until it answers again.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import redis
+from loguru import logger
+
+from mnist_api.config import Settings
+
+Value = dict[str, Any]
+
+
+def cache_key(model_version: str, sha256: str) -> str:
+    """The contract's cache key."""
+    return f"pred:{model_version}:{sha256}"
+
+
+class PredictionCache(Protocol):
+    """What the service needs from a cache backend."""
+
+    backend: str
+
+    def get_many(self, keys: Sequence[str]) -> list[Value | None]:
+        """Values for `keys` in order (None = miss), in one round trip."""
+
+    def set_many(self, items: dict[str, Value]) -> None:
+        """Store several values with the TTL, in one round trip."""
+
+    def status(self) -> str:
+        """`redis`, `memory` or `degraded`, for /readyz."""
+
+
+class MemoryCache:
+    """A bounded, thread-safe LRU with a TTL, for a single process (`make run`, tests)."""
+
+    backend = "memory"
+
+    def __init__(
+        self, max_items: int, ttl_seconds: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.max_items = max_items
+        self.ttl_seconds = ttl_seconds
+        self._clock = clock
+        self._items: OrderedDict[str, tuple[float, Value]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get_many(self, keys: Sequence[str]) -> list[Value | None]:
+        """Values for `keys`; expired entries count as misses and are dropped."""
+        now = self._clock()
+        found: list[Value | None] = []
+        with self._lock:
+            for key in keys:
+                entry = self._items.get(key)
+                if entry is None or entry[0] <= now:
+                    self._items.pop(key, None)
+                    found.append(None)
+                    continue
+                self._items.move_to_end(key)
+                found.append(entry[1])
+        return found
+
+    def set_many(self, items: dict[str, Value]) -> None:
+        """Insert or refresh values; the least recently used go when the cache is full."""
+        expires = self._clock() + self.ttl_seconds
+        with self._lock:
+            for key, value in items.items():
+                self._items[key] = (expires, dict(value))  # callers may not mutate ours
+                self._items.move_to_end(key)
+            while len(self._items) > self.max_items:
+                self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        """Forget everything."""
+        with self._lock:
+            self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def status(self) -> str:
+        """Always `memory`: it cannot fail."""
+        return "memory"
+
+
+class RedisCache:
+    """Redis-backed cache with short timeouts and a circuit breaker.
+
+    After a failure Redis is left alone for `retry_seconds` (calls answer "miss" at once),
+    then the next call tries it again: so an outage costs one timeout per retry period, not
+    one per request, and the cache comes back by itself when Redis does.
+    """
+
+    backend = "redis"
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        ttl_seconds: int,
+        retry_seconds: float = 1.0,
+        on_error: Callable[[], None] | None = None,
+    ) -> None:
+        self.client = client
+        self.ttl_seconds = ttl_seconds
+        self.retry_seconds = retry_seconds
+        self._on_error = on_error or (lambda: None)
+        self._lock = threading.Lock()
+        self._down_since: float | None = None
+        self._retry_at = 0.0
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        ttl_seconds: int,
+        socket_timeout: float = 0.1,
+        retry_seconds: float = 1.0,
+        on_error: Callable[[], None] | None = None,
+    ) -> RedisCache:
+        """Connect lazily to `redis://` or `rediss://` (certificate not verified: Heroku)."""
+        options: dict[str, Any] = {
+            "socket_timeout": socket_timeout,
+            "socket_connect_timeout": socket_timeout,
+            "retry_on_timeout": False,
+        }
+        if url.startswith("rediss://"):
+            # Heroku Redis presents a self-signed certificate: encrypt, but do not verify it.
+            options["ssl_cert_reqs"] = None
+        client = redis.Redis.from_url(url, **options)
+        return cls(client, ttl_seconds, retry_seconds, on_error)
+
+    def get_many(self, keys: Sequence[str]) -> list[Value | None]:
+        """MGET all keys at once; a Redis failure reads as all misses."""
+        if not keys or not self._available():
+            return [None] * len(keys)
+        try:
+            raw = self.client.mget(list(keys))
+        except redis.RedisError as error:
+            self._failed(error)
+            return [None] * len(keys)
+        self._succeeded()
+        return [json.loads(item) if item is not None else None for item in raw]
+
+    def set_many(self, items: dict[str, Value]) -> None:
+        """SET ... EX ttl for every item in one pipeline; a Redis failure is only recorded."""
+        if not items or not self._available():
+            return
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for key, value in items.items():
+                pipe.set(key, json.dumps(value, separators=(",", ":")), ex=self.ttl_seconds)
+            pipe.execute()
+        except redis.RedisError as error:
+            self._failed(error)
+            return
+        self._succeeded()
+
+    def status(self) -> str:
+        """`redis` if Redis answers a PING now (or is known good), else `degraded`."""
+        if self._available():
+            try:
+                self.client.ping()
+            except redis.RedisError as error:
+                self._failed(error)
+            else:
+                self._succeeded()
+        return "degraded" if self._down_since is not None else "redis"
+
+    def _available(self) -> bool:
+        """False while the breaker is open (Redis failed less than `retry_seconds` ago)."""
+        return self._down_since is None or time.monotonic() >= self._retry_at
+
+    def _failed(self, error: redis.RedisError) -> None:
+        self._on_error()
+        with self._lock:
+            first = self._down_since is None
+            now = time.monotonic()
+            if first:
+                self._down_since = now
+            self._retry_at = now + self.retry_seconds
+        if first:
+            # Once per incident, not once per request: an outage must not flood the logs.
+            logger.warning(
+                "cache degraded: Redis failed ({}); serving uncached", type(error).__name__
+            )
+
+    def _succeeded(self) -> None:
+        if self._down_since is None:
+            return
+        with self._lock:
+            down_since, self._down_since = self._down_since, None
+        if down_since is not None:
+            logger.info(
+                "cache recovered: Redis answers again after {:.1f} s", time.monotonic() - down_since
+            )
+
+
+def build_cache(settings: Settings, on_error: Callable[[], None] | None = None) -> PredictionCache:
+    """Redis when `REDIS_URL` is set, else the in-process LRU."""
+    if settings.redis_url:
+        return RedisCache.from_url(
+            settings.redis_url,
+            settings.cache_ttl_seconds,
+            socket_timeout=settings.cache_socket_timeout,
+            retry_seconds=settings.cache_retry_seconds,
+            on_error=on_error,
+        )
+    return MemoryCache(settings.cache_max_items, settings.cache_ttl_seconds)
