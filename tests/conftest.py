@@ -20,6 +20,7 @@ from flask.testing import FlaskClient
 from mnist_api import create_app
 from mnist_api.config import PROJECT_ROOT, Settings
 from mnist_api.extensions import CACHE
+from tests.redis_server import RedisServer
 
 API_KEYS = ("test-key-one", "test-key-two")
 
@@ -153,3 +154,14 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer
         yield server
     finally:
         stop(server.process)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A fresh real redis-server on a free port for one test."""
+    server = RedisServer(free_port(), tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
