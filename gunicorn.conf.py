@@ -1,6 +1,14 @@
 """gunicorn settings for a Heroku dyno or any container; values come from mnist_api.config."""
 
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
 from mnist_api.config import Settings
+from mnist_api.gunicorn_logging import LoguruGunicornLogger
 from mnist_api.logs import configure_logging
 
 _settings = Settings.from_env()
@@ -19,11 +27,35 @@ max_requests = 5000
 max_requests_jitter = 500
 # Never preload: each worker loads the model after the fork, never the master.
 preload_app = False
-accesslog = None  # the app logs one JSON line per request itself
+
+# Logs: loguru only. The app writes one JSON line per request, so gunicorn's access log is off.
+logger_class = LoguruGunicornLogger
+accesslog = None
 errorlog = "-"
 loglevel = _settings.log_level.lower()
 
+# Prometheus multiprocess mode: every worker writes its samples into this folder and /metrics
+# sums them. It must be in the environment before a worker imports prometheus_client, so it
+# is set here (gunicorn puts raw_env into the master's environment, which workers inherit).
+# One folder per port keeps two services on one machine from mixing their numbers.
+metrics_dir = _settings.prometheus_multiproc_dir or str(
+    Path(tempfile.gettempdir()) / f"mnist-api-metrics-{_settings.port}"
+)
+raw_env = [f"PROMETHEUS_MULTIPROC_DIR={metrics_dir}"]
 
-def on_starting(server: object) -> None:
-    """Route gunicorn's own logs through loguru in the master."""
+
+def on_starting(server: Any) -> None:
+    """Before any worker starts: loguru for the master, and an empty metrics folder."""
     configure_logging(_settings.log_level, _settings.log_format)
+    # Files left by a previous run would be summed into this run's numbers.
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    Path(metrics_dir).mkdir(parents=True, exist_ok=True)
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """Drop a dead worker's live gauges (in-flight requests, model info) from /metrics."""
+    from prometheus_flask_exporter.multiprocess import (  # noqa: PLC0415 - after env is set
+        GunicornInternalPrometheusMetrics,
+    )
+
+    GunicornInternalPrometheusMetrics.mark_process_dead_on_child_exit(worker.pid)

@@ -8,8 +8,8 @@ from apiflask import APIFlask
 from flask_cors import CORS
 from loguru import logger
 
-from mnist_api import error_handlers, extensions, request_context, schemas
-from mnist_api.cache import build_cache
+from mnist_api import error_handlers, extensions, metrics, request_context, schemas
+from mnist_api.cache import CacheHooks, build_cache
 from mnist_api.config import Settings
 from mnist_api.logs import configure_logging
 from mnist_api.model import DigitModel
@@ -44,10 +44,15 @@ def create_app(settings: Settings | None = None, *, load_model: bool = True) -> 
 
     model = DigitModel(settings.model_path, settings.model_card_path)
     app.extensions[extensions.MODEL] = model
-    cache = build_cache(settings)
+    cache = build_cache(
+        settings, CacheHooks(metrics.record_cache_lookups, metrics.set_cache_degraded)
+    )
     app.extensions[extensions.CACHE] = cache
     app.extensions[extensions.SERVICE] = PredictionService(
-        model, Limits(max_pixels=settings.max_image_pixels), cache
+        model,
+        Limits(max_pixels=settings.max_image_pixels),
+        cache,
+        low_confidence_threshold=settings.low_confidence_threshold,
     )
 
     CORS(
@@ -59,6 +64,11 @@ def create_app(settings: Settings | None = None, *, load_model: bool = True) -> 
     )
     request_context.init_app(app)
     error_handlers.init_app(app)
+    metrics.init_app(
+        app,
+        multiprocess=bool(settings.prometheus_multiproc_dir),
+        token=settings.metrics_token,
+    )
     app.register_blueprint(api.bp)
     app.register_blueprint(ops.bp)
     app.register_blueprint(web.bp)
@@ -68,6 +78,7 @@ def create_app(settings: Settings | None = None, *, load_model: bool = True) -> 
         model.load()
         if model.card_mismatch():
             logger.warning("model card does not describe the loaded model file")
+        metrics.set_model_version(model.full_version)
         logger.info("model {} loaded and warmed up", model.full_version)
     return app
 

@@ -14,6 +14,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import redis
@@ -22,6 +23,18 @@ from loguru import logger
 from mnist_api.config import Settings
 
 Value = dict[str, Any]
+
+
+def _ignore(*_args: object) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class CacheHooks:
+    """Callbacks through which a cache reports to metrics (no-ops by default)."""
+
+    lookups: Callable[[str, int], None] = _ignore  # (result: hit|miss|error, count)
+    degraded: Callable[[bool], None] = _ignore  # True when an outage starts, False when over
 
 
 def cache_key(model_version: str, sha256: str) -> str:
@@ -50,11 +63,16 @@ class MemoryCache:
     backend = "memory"
 
     def __init__(
-        self, max_items: int, ttl_seconds: int, clock: Callable[[], float] = time.monotonic
+        self,
+        max_items: int,
+        ttl_seconds: int,
+        clock: Callable[[], float] = time.monotonic,
+        hooks: CacheHooks | None = None,
     ) -> None:
         self.max_items = max_items
         self.ttl_seconds = ttl_seconds
         self._clock = clock
+        self._hooks = hooks or CacheHooks()
         self._items: OrderedDict[str, tuple[float, Value]] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -71,6 +89,7 @@ class MemoryCache:
                     continue
                 self._items.move_to_end(key)
                 found.append(entry[1])
+        _report(self._hooks, found)
         return found
 
     def set_many(self, items: dict[str, Value]) -> None:
@@ -96,6 +115,12 @@ class MemoryCache:
         return "memory"
 
 
+def _report(hooks: CacheHooks, found: list[Value | None]) -> None:
+    misses = sum(value is None for value in found)
+    hooks.lookups("hit", len(found) - misses)
+    hooks.lookups("miss", misses)
+
+
 class RedisCache:
     """Redis-backed cache with short timeouts and a circuit breaker.
 
@@ -111,12 +136,12 @@ class RedisCache:
         client: redis.Redis,
         ttl_seconds: int,
         retry_seconds: float = 1.0,
-        on_error: Callable[[], None] | None = None,
+        hooks: CacheHooks | None = None,
     ) -> None:
         self.client = client
         self.ttl_seconds = ttl_seconds
         self.retry_seconds = retry_seconds
-        self._on_error = on_error or (lambda: None)
+        self._hooks = hooks or CacheHooks()
         self._lock = threading.Lock()
         self._down_since: float | None = None
         self._retry_at = 0.0
@@ -128,7 +153,7 @@ class RedisCache:
         ttl_seconds: int,
         socket_timeout: float = 0.1,
         retry_seconds: float = 1.0,
-        on_error: Callable[[], None] | None = None,
+        hooks: CacheHooks | None = None,
     ) -> RedisCache:
         """Connect lazily to `redis://` or `rediss://` (certificate not verified: Heroku)."""
         options: dict[str, Any] = {
@@ -140,19 +165,25 @@ class RedisCache:
             # Heroku Redis presents a self-signed certificate: encrypt, but do not verify it.
             options["ssl_cert_reqs"] = None
         client = redis.Redis.from_url(url, **options)
-        return cls(client, ttl_seconds, retry_seconds, on_error)
+        return cls(client, ttl_seconds, retry_seconds, hooks)
 
     def get_many(self, keys: Sequence[str]) -> list[Value | None]:
         """MGET all keys at once; a Redis failure reads as all misses."""
-        if not keys or not self._available():
+        if not keys:
+            return []
+        if not self._available():
+            self._hooks.lookups("error", len(keys))
             return [None] * len(keys)
         try:
             raw = self.client.mget(list(keys))
         except redis.RedisError as error:
             self._failed(error)
+            self._hooks.lookups("error", len(keys))
             return [None] * len(keys)
         self._succeeded()
-        return [json.loads(item) if item is not None else None for item in raw]
+        found = [json.loads(item) if item is not None else None for item in raw]
+        _report(self._hooks, found)
+        return found
 
     def set_many(self, items: dict[str, Value]) -> None:
         """SET ... EX ttl for every item in one pipeline; a Redis failure is only recorded."""
@@ -184,7 +215,6 @@ class RedisCache:
         return self._down_since is None or time.monotonic() >= self._retry_at
 
     def _failed(self, error: redis.RedisError) -> None:
-        self._on_error()
         with self._lock:
             first = self._down_since is None
             now = time.monotonic()
@@ -192,6 +222,7 @@ class RedisCache:
                 self._down_since = now
             self._retry_at = now + self.retry_seconds
         if first:
+            self._hooks.degraded(True)
             # Once per incident, not once per request: an outage must not flood the logs.
             logger.warning(
                 "cache degraded: Redis failed ({}); serving uncached", type(error).__name__
@@ -203,12 +234,13 @@ class RedisCache:
         with self._lock:
             down_since, self._down_since = self._down_since, None
         if down_since is not None:
+            self._hooks.degraded(False)
             logger.info(
                 "cache recovered: Redis answers again after {:.1f} s", time.monotonic() - down_since
             )
 
 
-def build_cache(settings: Settings, on_error: Callable[[], None] | None = None) -> PredictionCache:
+def build_cache(settings: Settings, hooks: CacheHooks | None = None) -> PredictionCache:
     """Redis when `REDIS_URL` is set, else the in-process LRU."""
     if settings.redis_url:
         return RedisCache.from_url(
@@ -216,6 +248,6 @@ def build_cache(settings: Settings, on_error: Callable[[], None] | None = None) 
             settings.cache_ttl_seconds,
             socket_timeout=settings.cache_socket_timeout,
             retry_seconds=settings.cache_retry_seconds,
-            on_error=on_error,
+            hooks=hooks,
         )
-    return MemoryCache(settings.cache_max_items, settings.cache_ttl_seconds)
+    return MemoryCache(settings.cache_max_items, settings.cache_ttl_seconds, hooks=hooks)

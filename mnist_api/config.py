@@ -71,6 +71,10 @@ class Settings:
     cache_retry_seconds: float = 1.0
     log_level: str = "INFO"
     log_format: str = "json"
+    # Metrics: the multiprocess folder is set by gunicorn.conf.py for its workers.
+    prometheus_multiproc_dir: str = ""
+    metrics_token: str = ""
+    low_confidence_threshold: float = 0.6
     # Server (read by gunicorn.conf.py)
     port: int = 8000
     web_concurrency: int = 2
@@ -99,6 +103,11 @@ class Settings:
             cache_retry_seconds=_float(env, "CACHE_RETRY_SECONDS", cls.cache_retry_seconds),
             log_level=_text(env, "LOG_LEVEL", cls.log_level).upper(),
             log_format=_text(env, "LOG_FORMAT", cls.log_format).lower(),
+            prometheus_multiproc_dir=_text(env, "PROMETHEUS_MULTIPROC_DIR", ""),
+            metrics_token=_text(env, "METRICS_TOKEN", ""),
+            low_confidence_threshold=_float(
+                env, "LOW_CONFIDENCE_THRESHOLD", cls.low_confidence_threshold
+            ),
             port=_int(env, "PORT", cls.port, 1),
             web_concurrency=_int(env, "WEB_CONCURRENCY", cls.web_concurrency, 1),
             threads=_int(env, "GUNICORN_THREADS", cls.threads, 1),

@@ -8,11 +8,13 @@ NumPy and the Celery worker can reuse it as is.
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from mnist_api import metrics
 from mnist_api.cache import PredictionCache, cache_key
 from mnist_api.errors import NotReady, ServiceError
 from mnist_api.model import DigitModel
@@ -31,6 +33,7 @@ class PredictionService:
     model: DigitModel
     limits: Limits
     cache: PredictionCache
+    low_confidence_threshold: float = 0.6
 
     @property
     def model_version(self) -> str:
@@ -67,15 +70,22 @@ class PredictionService:
             if key in pending:
                 pending[key].append(slot)
                 continue
+            started = time.perf_counter()
             try:
                 images.append(preprocess(data, self.limits))
             except ServiceError as error:
                 results[slot] = error
                 continue
+            finally:
+                metrics.PREPROCESS_SECONDS.observe(time.perf_counter() - started)
             pending[key] = [slot]
         if images:
             fresh: dict[str, Prediction] = {}
+            started = time.perf_counter()
             probabilities = self.model.predict(np.stack(images))
+            metrics.INFERENCE_SECONDS.labels(model_version=self.model_version).observe(
+                time.perf_counter() - started
+            )
             for (key, slots), row in zip(pending.items(), probabilities, strict=True):
                 answer = self._shape(row)
                 fresh[key] = answer
@@ -84,6 +94,9 @@ class PredictionService:
             self.cache.set_many(fresh)
         answered = [result for result in results if result is not None]
         assert len(answered) == len(uploads), "every upload gets an answer or an error"
+        metrics.record_answers(
+            [item for item in answered if isinstance(item, dict)], self.low_confidence_threshold
+        )
         return answered
 
     def _require_ready(self) -> None:

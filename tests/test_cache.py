@@ -17,7 +17,7 @@ from flask.testing import FlaskClient
 from loguru import logger
 
 from mnist_api import create_app
-from mnist_api.cache import MemoryCache, RedisCache, build_cache
+from mnist_api.cache import CacheHooks, MemoryCache, RedisCache, build_cache
 from mnist_api.config import Settings
 from mnist_api.extensions import CACHE, MODEL
 from mnist_api.model import DigitModel
@@ -263,16 +263,23 @@ def test_memory_cache_expires() -> None:
     assert cache.get_many(["k"]) == [None]
 
 
-def test_redis_errors_are_counted() -> None:
-    errors: list[int] = []
-    cache = RedisCache.from_url(
-        f"redis://127.0.0.1:{free_port()}/0",
-        60,
-        retry_seconds=0.0,
-        on_error=lambda: errors.append(1),
+def test_lookups_and_outages_are_reported() -> None:
+    lookups: dict[str, int] = {}
+    states: list[bool] = []
+    hooks = CacheHooks(
+        lookups=lambda r, n: lookups.__setitem__(r, lookups.get(r, 0) + n),
+        degraded=states.append,
     )
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    cache = RedisCache.from_url(url, 60, retry_seconds=0.0, hooks=hooks)
     assert cache.get_many(["a", "b"]) == [None, None]
     cache.set_many({"a": {"v": 1}})
-    assert len(errors) == 2
+    assert lookups == {"error": 2}
+    assert states == [True]  # reported once per outage
     with pytest.raises(redis.RedisError):
         cache.client.ping()
+
+    memory = MemoryCache(10, 60, hooks=hooks)
+    memory.set_many({"a": {"v": 1}})
+    memory.get_many(["a", "b", "c"])
+    assert lookups == {"error": 2, "hit": 1, "miss": 2}
