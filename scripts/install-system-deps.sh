@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Install the Debian packages the test suite drives, if they are missing.
+# Install the Debian packages the test suite drives, if they are missing:
+# Chromium (the page), redis-server (cache, broker), promtool (monitoring rules), openssl.
 set -euo pipefail
 
 packages=()
 command -v chromium >/dev/null 2>&1 || packages+=(chromium)
 command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
+command -v promtool >/dev/null 2>&1 || packages+=(prometheus)
+command -v openssl >/dev/null 2>&1 || packages+=(openssl)
 
 if [ ${#packages[@]} -eq 0 ]; then
   exit 0
