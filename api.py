@@ -1,5 +1,5 @@
 """WSGI entry point: `gunicorn api:app -c gunicorn.conf.py`."""
 
-from mnist_api import create_app
+from mnist_api.app import create_app
 
 app = create_app()

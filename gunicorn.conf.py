@@ -12,6 +12,8 @@ from mnist_api.gunicorn_logging import LoguruGunicornLogger
 from mnist_api.logs import configure_logging
 
 _settings = Settings.from_env()
+# Before gunicorn builds its own logger: the master's lines are JSON from the first one.
+configure_logging(_settings.log_level, _settings.log_format)
 
 bind = f"0.0.0.0:{_settings.port}"
 workers = _settings.web_concurrency
@@ -25,6 +27,9 @@ keepalive = 5
 # Recycle workers now and then so slow leaks cannot grow without bound; jitter staggers them.
 max_requests = 5000
 max_requests_jitter = 500
+# gunicorn's control socket is one path per user: two services on one host would fight
+# over it, and a dyno has no use for it.
+control_socket_disable = True
 # Never preload: each worker loads the model after the fork, never the master.
 preload_app = False
 
@@ -45,8 +50,7 @@ raw_env = [f"PROMETHEUS_MULTIPROC_DIR={metrics_dir}"]
 
 
 def on_starting(server: Any) -> None:
-    """Before any worker starts: loguru for the master, and an empty metrics folder."""
-    configure_logging(_settings.log_level, _settings.log_format)
+    """Before any worker starts: an empty metrics folder."""
     # Files left by a previous run would be summed into this run's numbers.
     shutil.rmtree(metrics_dir, ignore_errors=True)
     Path(metrics_dir).mkdir(parents=True, exist_ok=True)

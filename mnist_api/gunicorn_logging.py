@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from gunicorn.glogging import Logger
@@ -14,9 +13,8 @@ class LoguruGunicornLogger(Logger):
     """gunicorn's own logger, with both of its loggers handed to loguru (no second format)."""
 
     def setup(self, cfg: Any) -> None:
-        """Let gunicorn configure levels, then replace its handlers with loguru's."""
+        """Let gunicorn configure levels, then swap its stream handlers for loguru's."""
         super().setup(cfg)
         for log in (self.error_log, self.access_log):
             log.handlers = [InterceptHandler()]
-            log.propagate = False
-        logging.getLogger("gunicorn").propagate = False
+            log.propagate = False  # handled here: the root logger must not print it again

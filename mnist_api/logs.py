@@ -72,7 +72,7 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     else:
         logger.add(sys.stdout, level=level, format=TEXT_FORMAT, diagnose=False, colorize=None)
     logging.basicConfig(handlers=[InterceptHandler()], level=0, force=True)
-    for name in ("werkzeug", "flask", "gunicorn.error", "gunicorn.access", "celery"):
+    for name in ("werkzeug", "flask", "celery"):
         std = logging.getLogger(name)
         std.handlers = []
         std.propagate = True

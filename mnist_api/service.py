@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from mnist_api import metrics
 from mnist_api.cache import PredictionCache, cache_key
 from mnist_api.errors import NotReady, ServiceError
 from mnist_api.model import DigitModel
-from mnist_api.preprocessing import Limits, preprocess
+from mnist_api.preprocessing import Limits, preprocess, warm_up_upload
 
 Prediction = dict[str, Any]
 
@@ -39,6 +40,15 @@ class PredictionService:
     def model_version(self) -> str:
         """The `model_version` every answer carries."""
         return self.model.full_version
+
+    def warm_up(self) -> None:
+        """Run one upload through decoding and the model, uncounted and uncached.
+
+        Also loads every Pillow plugin now: the check that names a refused file's kind
+        (PDF, TIFF, ...) would otherwise import them all during some client's request.
+        """
+        Image.init()
+        self.model.predict(preprocess(warm_up_upload(), self.limits)[np.newaxis])
 
     def key_for(self, data: bytes) -> str:
         """The cache key of an upload: model version and SHA-256 of the bytes as sent."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import socket
@@ -11,6 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -87,8 +89,20 @@ class LiveServer:
     log_path: Path
 
     def log(self) -> str:
-        """Everything the server printed so far."""
+        """Everything the server printed on stdout so far (its JSON log lines)."""
         return self.log_path.read_text(errors="replace")
+
+    def records(self) -> list[dict[str, Any]]:
+        """The server's log lines, parsed."""
+        return [json.loads(line) for line in self.log().splitlines() if line.startswith("{")]
+
+    def worker_pids(self) -> set[int]:
+        """The pids of the workers that have loaded the model so far."""
+        return {r["pid"] for r in self.records() if "loaded and warmed up" in r["message"]}
+
+    def stderr(self) -> str:
+        """Everything the server printed on stderr so far."""
+        return self.log_path.with_suffix(".err").read_text(errors="replace")
 
 
 def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 30.0) -> float:
@@ -100,7 +114,7 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 30.0
         try:
             if requests.get(f"{url}/readyz", timeout=1).status_code == 200:
                 return time.monotonic() - started
-        except requests.ConnectionError:
+        except requests.RequestException:  # not listening yet, or busy booting
             pass
         time.sleep(0.05)
     raise TimeoutError(f"{url} was not ready within {timeout} s")
@@ -118,24 +132,24 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 
 
 def start_web(tmp_dir: Path, **env: str) -> LiveServer:
-    """Start the Procfile's web command with gunicorn on a free port and wait until ready."""
+    """Start the Procfile's web command with gunicorn on a free port and wait until ready.
+
+    `env` overrides the environment (e.g. WEB_CONCURRENCY="3").
+    """
     port = free_port()
     log_path = tmp_dir / f"web-{port}.log"
-    environment = venv_env(
-        PORT=str(port),
-        API_KEYS=",".join(API_KEYS),
-        WEB_CONCURRENCY="2",
-        LOG_FORMAT="json",
-        LOG_LEVEL="INFO",
-        **env,
-    )
-    with log_path.open("wb") as log:
+    defaults = {
+        "PORT": str(port),
+        "API_KEYS": ",".join(API_KEYS),
+        "WEB_CONCURRENCY": "2",
+        "LOG_FORMAT": "json",
+        "LOG_LEVEL": "INFO",
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_dir / f"metrics-{port}"),
+    }
+    environment = venv_env(**{**defaults, **env})
+    with log_path.open("wb") as out, log_path.with_suffix(".err").open("wb") as err:
         process = subprocess.Popen(
-            procfile_command("web"),
-            cwd=PROJECT_ROOT,
-            env=environment,
-            stdout=log,
-            stderr=subprocess.STDOUT,
+            procfile_command("web"), cwd=PROJECT_ROOT, env=environment, stdout=out, stderr=err
         )
     server = LiveServer(f"http://127.0.0.1:{port}", API_KEYS[0], process, log_path)
     try:

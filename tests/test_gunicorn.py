@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import time
 
 import requests
 
 from tests.conftest import LiveServer
 from tests.samples import as_paper, encode, sample
-
-
-def log_records(server: LiveServer) -> list[dict]:
-    records = []
-    for line in server.log().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # LiteRT's own C++ banner is not ours
-    return records
 
 
 def test_predicts_over_http(live_server: LiveServer) -> None:
@@ -45,8 +34,7 @@ def test_each_worker_loads_the_model_after_the_fork(live_server: LiveServer) -> 
     deadline = time.monotonic() + 20  # /readyz answered once the first worker was ready
     pids: set[int] = set()
     while len(pids) < 2 and time.monotonic() < deadline:
-        loaded = [r for r in log_records(live_server) if "loaded and warmed up" in r["message"]]
-        pids = {r["pid"] for r in loaded}
+        pids = live_server.worker_pids()
         time.sleep(0.1)
     assert len(pids) == 2  # WEB_CONCURRENCY=2: one load per worker ...
     assert live_server.process.pid not in pids  # ... and none in the master
@@ -66,6 +54,6 @@ def test_body_over_the_limit_through_gunicorn(live_server: LiveServer) -> None:
 
 def test_request_log_lines_are_json(live_server: LiveServer) -> None:
     requests.get(f"{live_server.url}/healthz", headers={"X-Request-ID": "log-check"}, timeout=5)
-    lines = [r for r in log_records(live_server) if r.get("request_id") == "log-check"]
+    lines = [r for r in live_server.records() if r.get("request_id") == "log-check"]
     assert lines and lines[-1]["route"] == "/healthz" and lines[-1]["status"] == 200
     assert live_server.api_key not in live_server.log()

@@ -1,0 +1,172 @@
+"""Prometheus metrics: exact across gunicorn workers, protected by a token, counted right."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from flask.testing import FlaskClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from mnist_api import create_app
+from mnist_api.config import Settings
+from tests.conftest import LiveServer, start_web, stop
+from tests.samples import as_paper, encode, sample
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of an exposition, keyed by name and sorted labels."""
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for item in family.samples:
+            found[(item.name, tuple(sorted(item.labels.items())))] = item.value
+    return found
+
+
+def total(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples called `name` whose labels include `labels`."""
+    return sum(
+        value
+        for (sample_name, sample_labels), value in samples(text).items()
+        if sample_name == name and set(labels.items()) <= set(sample_labels)
+    )
+
+
+@pytest.fixture(scope="module")
+def three_workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """gunicorn from the Procfile with 3 workers and 1 thread each, so scrapes spread out."""
+    server = start_web(
+        tmp_path_factory.mktemp("metrics"), WEB_CONCURRENCY="3", GUNICORN_THREADS="1"
+    )
+    try:
+        yield server
+    finally:
+        stop(server.process)
+
+
+def scrape(server: LiveServer) -> str:
+    # A new connection each time, so successive scrapes land on different workers.
+    response = requests.get(f"{server.url}/metrics", headers={"Connection": "close"}, timeout=5)
+    assert response.status_code == 200
+    return response.text
+
+
+def test_counts_are_exact_across_workers(three_workers: LiveServer) -> None:
+    uploads = {digit: encode(as_paper(sample(digit))) for digit in range(10)}
+    before = scrape(three_workers)
+    sent = 0
+    for round_ in range(3):
+        for data in uploads.values():
+            response = requests.post(
+                f"{three_workers.url}/predict",
+                data=data + bytes([round_]) * bool(round_),  # new bytes per round: no hits
+                headers={
+                    "x-api-key": three_workers.api_key,
+                    "Content-Type": "image/png",
+                    "Connection": "close",
+                },
+                timeout=10,
+            )
+            assert response.status_code == 200
+            sent += 1
+    served_by = {r["pid"] for r in three_workers.records() if r.get("route") == "/predict"}
+    assert len(served_by) >= 2  # the predictions really were spread over workers
+
+    for _ in range(6):  # whichever worker answers the scrape, the sums are the same
+        text = scrape(three_workers)
+        assert (
+            total(text, "mnist_predictions_total") - total(before, "mnist_predictions_total")
+            == sent
+        )
+        assert (
+            total(text, "flask_http_request_total", method="POST", status="200")
+            - total(before, "flask_http_request_total", method="POST", status="200")
+        ) == sent
+        assert (
+            total(text, "mnist_prediction_confidence_count")
+            - total(before, "mnist_prediction_confidence_count")
+        ) == sent
+        assert (
+            total(text, "mnist_cache_lookups_total", result="miss")
+            - total(before, "mnist_cache_lookups_total", result="miss")
+        ) == sent
+        assert total(text, "mnist_model_info") == 1
+
+
+def test_stale_files_are_cleared_and_dead_workers_marked(
+    three_workers: LiveServer, tmp_path: Path
+) -> None:
+    metrics_dir = (
+        Path(three_workers.log_path.parent) / f"metrics-{three_workers.url.rsplit(':', 1)[1]}"
+    )
+    assert metrics_dir.is_dir()
+    pids = three_workers.worker_pids()
+    victim = sorted(pids)[0]
+    assert list(metrics_dir.glob(f"gauge_livesum_{victim}.db"))
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and list(metrics_dir.glob(f"gauge_livesum_{victim}.db")):
+        time.sleep(0.1)
+    assert not list(metrics_dir.glob(f"gauge_livesum_{victim}.db"))  # child_exit ran
+    assert "mnist_in_flight_requests" in scrape(three_workers)
+
+
+def test_metrics_folder_is_emptied_before_workers_start(tmp_path: Path) -> None:
+    metrics_dir = tmp_path / "m"
+    metrics_dir.mkdir()
+    (metrics_dir / "counter_999999.db").write_bytes(b"stale")
+    server = start_web(tmp_path, PROMETHEUS_MULTIPROC_DIR=str(metrics_dir), WEB_CONCURRENCY="1")
+    try:
+        assert not (metrics_dir / "counter_999999.db").exists()
+        assert "mnist_model_info" in scrape(server)
+    finally:
+        stop(server.process)
+
+
+def test_single_process_metrics(client: FlaskClient, auth: dict[str, str]) -> None:
+    data = encode(as_paper(sample(7)))
+    before = client.get("/metrics").get_data(as_text=True)
+    client.post("/predict", data=data, headers={**auth, "Content-Type": "image/png"})
+    client.post("/predict", data=data, headers={**auth, "Content-Type": "image/png"})
+    client.post("/predict", data=b"not an image", headers={**auth, "Content-Type": "image/png"})
+    client.get("/model", headers={"x-api-key": "wrong"})
+    after = client.get("/metrics").get_data(as_text=True)
+
+    def delta(name: str, **labels: str) -> float:
+        return total(after, name, **labels) - total(before, name, **labels)
+
+    assert delta("mnist_cache_lookups_total", result="miss") == 2
+    assert delta("mnist_cache_lookups_total", result="hit") == 1
+    assert delta("mnist_predictions_total") == 2
+    assert delta("mnist_errors_total", code="invalid_image") == 1
+    assert delta("mnist_errors_total", code="unauthorized") == 1
+    assert delta("mnist_inference_seconds_count") == 1  # the hit did not run the model
+    assert delta("mnist_preprocess_seconds_count") == 2
+    assert delta("flask_http_request_duration_seconds_count", url_rule="/predict") == 3
+
+
+def test_low_confidence_threshold(settings: Settings, auth: dict[str, str]) -> None:
+    client = create_app(settings.replace(low_confidence_threshold=1.01)).test_client()
+    before = client.get("/metrics").get_data(as_text=True)
+    client.post(
+        "/predict", data=encode(as_paper(sample(1))), headers={**auth, "Content-Type": "image/png"}
+    )
+    after = client.get("/metrics").get_data(as_text=True)
+    name = "mnist_low_confidence_predictions_total"
+    assert total(after, name) - total(before, name) == 1
+
+
+def test_metrics_token(settings: Settings) -> None:
+    client = create_app(settings.replace(metrics_token="s3cret")).test_client()
+    denied = client.get("/metrics")
+    assert denied.status_code == 401
+    assert denied.get_json()["code"] == "unauthorized"
+    assert client.get("/metrics", headers={"Authorization": "Bearer nope"}).status_code == 401
+    allowed = client.get("/metrics", headers={"Authorization": "Bearer s3cret"})
+    assert allowed.status_code == 200
+    assert "mnist_predictions" in allowed.get_data(as_text=True)
