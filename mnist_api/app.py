@@ -11,11 +11,14 @@ from loguru import logger
 from mnist_api import error_handlers, extensions, metrics, request_context, schemas
 from mnist_api.cache import CacheHooks, build_cache
 from mnist_api.config import Settings
+from mnist_api.job_store import build_job_store
+from mnist_api.jobs import JobService
 from mnist_api.logs import configure_logging
 from mnist_api.model import DigitModel
 from mnist_api.preprocessing import ALLOWED_CONTENT_TYPES, Limits
 from mnist_api.routes import api, ops, web
 from mnist_api.service import PredictionService
+from mnist_api.tasks import celery_init_app
 
 API_VERSION = "1.0.0"
 
@@ -55,11 +58,16 @@ def create_app(settings: Settings | None = None, *, load_model: bool = True) -> 
         low_confidence_threshold=settings.low_confidence_threshold,
     )
 
+    app.extensions[extensions.JOB_STORE] = job_store = build_job_store(
+        settings.redis_url, settings.result_expires_seconds
+    )
+    app.extensions[extensions.JOBS] = JobService(service, job_store, celery_init_app(app, settings))
+
     CORS(
         app,
         origins=list(settings.cors_origins),
         allow_headers=["x-api-key", "Content-Type", "X-Request-ID"],
-        expose_headers=["X-Request-ID", "X-Cache", "Retry-After"],
+        expose_headers=["X-Request-ID", "X-Cache", "Retry-After", "Location"],
         max_age=600,
     )
     request_context.init_app(app)

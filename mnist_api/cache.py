@@ -15,7 +15,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import redis
 from loguru import logger
@@ -23,6 +23,7 @@ from loguru import logger
 from mnist_api.config import Settings
 
 Value = dict[str, Any]
+V = TypeVar("V")
 
 
 def _ignore(*_args: object) -> None:
@@ -57,8 +58,59 @@ class PredictionCache(Protocol):
         """`redis`, `memory` or `degraded`, for /readyz."""
 
 
-class MemoryCache:
-    """A bounded, thread-safe LRU with a TTL, for a single process (`make run`, tests)."""
+class LruTtlDict(Generic[V]):
+    """A bounded, thread-safe LRU mapping whose entries also expire after a TTL."""
+
+    def __init__(
+        self, max_items: int, ttl_seconds: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.max_items = max_items
+        self.ttl_seconds = ttl_seconds
+        self._clock = clock
+        self._items: OrderedDict[str, tuple[float, V]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get_many(self, keys: Sequence[str]) -> list[V | None]:
+        """Values for `keys`; expired entries count as misses and are dropped."""
+        now = self._clock()
+        found: list[V | None] = []
+        with self._lock:
+            for key in keys:
+                entry = self._items.get(key)
+                if entry is None or entry[0] <= now:
+                    self._items.pop(key, None)
+                    found.append(None)
+                    continue
+                self._items.move_to_end(key)
+                found.append(entry[1])
+        return found
+
+    def set_many(self, items: dict[str, V]) -> None:
+        """Insert or refresh values; the least recently used go when it is full."""
+        expires = self._clock() + self.ttl_seconds
+        with self._lock:
+            for key, value in items.items():
+                self._items[key] = (expires, value)
+                self._items.move_to_end(key)
+            while len(self._items) > self.max_items:
+                self._items.popitem(last=False)
+
+    def delete(self, key: str) -> None:
+        """Forget one key."""
+        with self._lock:
+            self._items.pop(key, None)
+
+    def clear(self) -> None:
+        """Forget everything."""
+        with self._lock:
+            self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class MemoryCache(LruTtlDict[Value]):
+    """The in-process prediction cache (`make run`, tests): an LRU that reports its lookups."""
 
     backend = "memory"
 
@@ -69,46 +121,18 @@ class MemoryCache:
         clock: Callable[[], float] = time.monotonic,
         hooks: CacheHooks | None = None,
     ) -> None:
-        self.max_items = max_items
-        self.ttl_seconds = ttl_seconds
-        self._clock = clock
+        super().__init__(max_items, ttl_seconds, clock)
         self._hooks = hooks or CacheHooks()
-        self._items: OrderedDict[str, tuple[float, Value]] = OrderedDict()
-        self._lock = threading.Lock()
 
     def get_many(self, keys: Sequence[str]) -> list[Value | None]:
-        """Values for `keys`; expired entries count as misses and are dropped."""
-        now = self._clock()
-        found: list[Value | None] = []
-        with self._lock:
-            for key in keys:
-                entry = self._items.get(key)
-                if entry is None or entry[0] <= now:
-                    self._items.pop(key, None)
-                    found.append(None)
-                    continue
-                self._items.move_to_end(key)
-                found.append(entry[1])
+        """Values for `keys`, counted as hits and misses."""
+        found = super().get_many(keys)
         _report(self._hooks, found)
         return found
 
     def set_many(self, items: dict[str, Value]) -> None:
-        """Insert or refresh values; the least recently used go when the cache is full."""
-        expires = self._clock() + self.ttl_seconds
-        with self._lock:
-            for key, value in items.items():
-                self._items[key] = (expires, dict(value))  # callers may not mutate ours
-                self._items.move_to_end(key)
-            while len(self._items) > self.max_items:
-                self._items.popitem(last=False)
-
-    def clear(self) -> None:
-        """Forget everything."""
-        with self._lock:
-            self._items.clear()
-
-    def __len__(self) -> int:
-        return len(self._items)
+        """Store copies, so a caller changing its answer cannot change ours."""
+        super().set_many({key: dict(value) for key, value in items.items()})
 
     def status(self) -> str:
         """Always `memory`: it cannot fail."""

@@ -69,6 +69,10 @@ class Settings:
     cache_max_items: int = 10_000
     cache_socket_timeout: float = 0.1
     cache_retry_seconds: float = 1.0
+    # Async jobs (Celery on REDIS_URL; in-process "eager" mode without it)
+    result_expires_seconds: int = 86_400
+    broker_visibility_timeout: int = 3600
+    task_delay_seconds: float = 0.0  # test and demo only: makes a running task observable
     log_level: str = "INFO"
     log_format: str = "json"
     # Metrics: the multiprocess folder is set by gunicorn.conf.py for its workers.
@@ -101,6 +105,13 @@ class Settings:
             cache_max_items=_int(env, "CACHE_MAX_ITEMS", cls.cache_max_items, 1),
             cache_socket_timeout=_float(env, "CACHE_SOCKET_TIMEOUT", cls.cache_socket_timeout),
             cache_retry_seconds=_float(env, "CACHE_RETRY_SECONDS", cls.cache_retry_seconds),
+            result_expires_seconds=_int(
+                env, "RESULT_EXPIRES_SECONDS", cls.result_expires_seconds, 1
+            ),
+            broker_visibility_timeout=_int(
+                env, "BROKER_VISIBILITY_TIMEOUT", cls.broker_visibility_timeout, 1
+            ),
+            task_delay_seconds=_float(env, "TASK_DELAY_SECONDS", cls.task_delay_seconds),
             log_level=_text(env, "LOG_LEVEL", cls.log_level).upper(),
             log_format=_text(env, "LOG_FORMAT", cls.log_format).lower(),
             prometheus_multiproc_dir=_text(env, "PROMETHEUS_MULTIPROC_DIR", ""),

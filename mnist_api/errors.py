@@ -61,6 +61,12 @@ class MethodNotAllowed(ServiceError):
     message = "This route does not accept that HTTP method; see /docs."
 
 
+class TaskNotFound(ServiceError):
+    status = 404
+    code = "task_not_found"
+    message = "No task with this id was issued by this service (or it has expired)."
+
+
 class PayloadTooLarge(ServiceError):
     status = 413
     code = "payload_too_large"
@@ -95,3 +101,9 @@ class NotReady(ServiceError):
     status = 503
     code = "not_ready"
     message = "The model is not loaded yet; retry in a moment."
+
+
+class BrokerUnavailable(ServiceError):
+    status = 503
+    code = "broker_unavailable"
+    message = "The job queue is unavailable right now; nothing was queued. Retry shortly."

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from flask import current_app
 
 from mnist_api.cache import PredictionCache
 from mnist_api.config import Settings
+from mnist_api.job_store import JobStore
 from mnist_api.model import DigitModel
 from mnist_api.service import PredictionService
+
+if TYPE_CHECKING:
+    from mnist_api.jobs import JobService
 
 SETTINGS = "mnist_settings"
 MODEL = "mnist_model"
 SERVICE = "mnist_service"
 CACHE = "mnist_cache"
+JOB_STORE = "mnist_job_store"
+JOBS = "mnist_jobs"
 
 
 def get_settings() -> Settings:
@@ -37,3 +45,15 @@ def get_cache() -> PredictionCache:
     """This app's prediction cache."""
     cache: PredictionCache = current_app.extensions[CACHE]
     return cache
+
+
+def get_job_store() -> JobStore:
+    """Where async jobs keep uploads and issued ids."""
+    store: JobStore = current_app.extensions[JOB_STORE]
+    return store
+
+
+def get_jobs() -> JobService:
+    """This app's async job service."""
+    jobs: JobService = current_app.extensions[JOBS]
+    return jobs

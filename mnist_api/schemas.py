@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from apiflask import Schema
 from apiflask.fields import Boolean, Dict, File, Float, Integer, List, Nested, String
-from apiflask.validators import Length, Range
+from apiflask.validators import Length, OneOf, Range
 
 
 class Upload(Schema):
@@ -99,3 +99,28 @@ class Readiness(Schema):
     model = String(required=True)
     cache = String(required=True, metadata={"description": "redis, memory or degraded"})
     broker = String(required=True, metadata={"description": "ok, eager or down"})
+
+
+class TaskAccepted(Schema):
+    """A queued prediction."""
+
+    task_id = String(required=True)
+    status_url = String(required=True, metadata={"example": "/tasks/<task_id>"})
+
+
+class TaskStatus(Schema):
+    """State of a queued prediction; `result` once it succeeded, `status` otherwise."""
+
+    state = String(
+        required=True,
+        validate=OneOf(["PENDING", "STARTED", "SUCCESS", "FAILURE"]),
+    )
+    result = Nested(Prediction)
+    status = String(metadata={"description": "a sentence about the state"})
+    code = String(metadata={"description": "error code when state is FAILURE"})
+
+
+class LocationHeader(Schema):
+    """Response headers of /predict_async."""
+
+    location = String(data_key="Location", metadata={"description": "the status URL"})

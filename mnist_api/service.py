@@ -50,6 +50,16 @@ class PredictionService:
         Image.init()
         self.model.predict(preprocess(warm_up_upload(), self.limits)[np.newaxis])
 
+    def lookup(self, data: bytes) -> Prediction | None:
+        """The cached answer for an upload, or None; nothing is decoded."""
+        self._require_ready()
+        hit = self.cache.get_many([self.key_for(data)])[0]
+        return {**hit, "cached": True} if hit is not None else None
+
+    def validate(self, data: bytes) -> None:
+        """Raise the error /predict would give for this upload, without running the model."""
+        preprocess(data, self.limits)
+
     def key_for(self, data: bytes) -> str:
         """The cache key of an upload: model version and SHA-256 of the bytes as sent."""
         return cache_key(self.model_version, hashlib.sha256(data).hexdigest())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import socket
 import subprocess
 import sys
@@ -63,11 +62,11 @@ def free_port() -> int:
 
 
 def procfile_command(process: str) -> list[str]:
-    """The command of one Procfile line, split as a shell would."""
+    """One Procfile line, run by a shell as Heroku does (`exec` keeps the pid ours)."""
     for line in (PROJECT_ROOT / "Procfile").read_text().splitlines():
         name, _, command = line.partition(":")
         if name.strip() == process:
-            return shlex.split(command.strip())
+            return ["/bin/sh", "-c", f"exec {command.strip()}"]
     raise LookupError(f"no {process!r} line in the Procfile")
 
 

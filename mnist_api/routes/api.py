@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from apiflask import APIBlueprint
-from flask import g, request
+from flask import g, request, url_for
 
 from mnist_api import schemas, uploads
 from mnist_api.auth import api_key_auth
-from mnist_api.extensions import get_cache, get_model, get_service, get_settings
+from mnist_api.extensions import get_cache, get_jobs, get_model, get_service, get_settings
 
 bp = APIBlueprint("api", __name__, tag="Predictions")
 
@@ -54,6 +54,35 @@ def predict_batch(_form: Any) -> dict[str, Any]:
     predictions = [item if isinstance(item, dict) else item.to_dict() for item in results]
     g.model_version = service.model_version
     return {"predictions": predictions, "model_version": service.model_version}
+
+
+@bp.post("/predict_async")
+@bp.auth_required(api_key_auth)
+@bp.input(schemas.Upload, location="files", validation=False, arg_name="_form")
+@bp.output(schemas.TaskAccepted, status_code=202, headers=schemas.LocationHeader)
+@bp.doc(
+    summary="Queue a prediction and poll its status",
+    description=(
+        "Same body as /predict, validated now (same errors). Answers 202 with the task id; "
+        "poll `status_url`."
+    ),
+    responses=[*UPLOAD_ERRORS, 503],
+)
+def predict_async(_form: Any) -> tuple[dict[str, Any], int, dict[str, str]]:
+    """Accept an upload for an async prediction."""
+    data = uploads.read_single(request)
+    task_id = get_jobs().submit(data, g.request_id)
+    status_url = url_for("api.task_status", task_id=task_id)
+    return {"task_id": task_id, "status_url": status_url}, 202, {"Location": status_url}
+
+
+@bp.get("/tasks/<task_id>")
+@bp.auth_required(api_key_auth)
+@bp.output(schemas.TaskStatus)
+@bp.doc(summary="State of a queued prediction", responses=[401, 404, 503])
+def task_status(task_id: str) -> dict[str, Any]:
+    """PENDING, STARTED, SUCCESS (with the result) or FAILURE (with a message)."""
+    return get_jobs().status(task_id)
 
 
 @bp.get("/model")

@@ -8,7 +8,7 @@ from apiflask import APIBlueprint
 
 from mnist_api import schemas
 from mnist_api.errors import NotReady
-from mnist_api.extensions import get_cache, get_model
+from mnist_api.extensions import get_cache, get_jobs, get_model
 
 bp = APIBlueprint("ops", __name__, tag="Operations")
 
@@ -33,5 +33,5 @@ def readyz() -> dict[str, Any]:
         "status": "ready",
         "model": model.full_version,
         "cache": get_cache().status(),
-        "broker": "off",
+        "broker": get_jobs().broker_status(),
     }

@@ -1,0 +1,151 @@
+"""Celery, wired the way Flask's own Celery example does it, and the prediction tasks.
+
+Broker and result backend are `REDIS_URL`; JSON only (never pickle). Tasks are acked late
+and rejected when their worker dies, so a `kill -9` mid-task leaves the message to another
+worker; they are idempotent (the cache key makes a re-run harmless). Without `REDIS_URL`
+tasks run in-process ("eager"), so `/predict_async` works under `make run` too.
+"""
+
+from __future__ import annotations
+
+import ssl
+import time
+from typing import Any
+
+from celery import Celery, Task, shared_task
+from flask import Flask
+from loguru import logger
+
+from mnist_api.config import Settings
+from mnist_api.errors import ServiceError
+from mnist_api.extensions import get_job_store, get_service, get_settings
+
+CELERY = "celery"
+PREDICT_UPLOAD = "mnist_api.predict_upload"
+PREDICT_UPLOADS = "mnist_api.predict_uploads"
+
+# What a task returns: {"result": <prediction>} or {"error": <sentence>, "code": <code>}.
+Outcome = dict[str, Any]
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery settings for this service (Redis broker, or eager in-process)."""
+    config: dict[str, Any] = {
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "result_expires": settings.result_expires_seconds,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_track_started": True,
+        # One message at a time per process: a killed worker strands at most that one.
+        "worker_prefetch_multiplier": 1,
+        # loguru owns logging; Celery must not install its own handlers or grab stdout.
+        "worker_hijack_root_logger": False,
+        "worker_redirect_stdouts": False,
+        "broker_connection_retry_on_startup": True,
+    }
+    if not settings.redis_url:
+        config.update(
+            task_always_eager=True,
+            task_store_eager_result=True,
+            result_backend="cache+memory://",
+        )
+        return config
+    transport: dict[str, Any] = {
+        "visibility_timeout": settings.broker_visibility_timeout,
+        "socket_timeout": 2.0,
+        "socket_connect_timeout": 1.0,
+    }
+    if settings.broker_visibility_timeout < 100:
+        # kombu sweeps for the messages of dead workers about every 100 s by default; with
+        # a short visibility timeout, sweep every second so they are redelivered promptly.
+        transport.update(unacked_restore_interval=1, unacked_restore_throttle=1)
+    config.update(
+        broker_url=settings.redis_url,
+        result_backend=settings.redis_url,
+        broker_transport_options=transport,
+        result_backend_transport_options={"visibility_timeout": settings.broker_visibility_timeout},
+        redis_socket_timeout=2.0,
+        redis_socket_connect_timeout=1.0,
+        # Accepting a job must fail fast (503) when Redis is down, not retry for seconds.
+        task_publish_retry=True,
+        task_publish_retry_policy={
+            "max_retries": 1,
+            "interval_start": 0,
+            "interval_step": 0.2,
+            "interval_max": 0.2,
+        },
+    )
+    if settings.redis_url.startswith("rediss://"):
+        # Heroku Redis: TLS with a self-signed certificate.
+        config["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_NONE}
+        config["redis_backend_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_NONE}
+    return config
+
+
+def celery_init_app(app: Flask, settings: Settings) -> Celery[Any]:
+    """Create the Celery app whose tasks run inside this Flask app's context."""
+
+    class FlaskTask(Task):  # type: ignore[type-arg]
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            with app.app_context():
+                return self.run(*args, **kwargs)
+
+    celery_app: Celery[Any] = Celery("mnist_api", task_cls=FlaskTask)
+    celery_app.config_from_object(celery_config(settings))
+    celery_app.set_default()
+    app.extensions[CELERY] = celery_app
+    return celery_app
+
+
+def _pause_for_tests() -> None:
+    delay = get_settings().task_delay_seconds
+    if delay > 0:
+        time.sleep(delay)  # TASK_DELAY_SECONDS: lets a test catch a task while it runs
+
+
+def _outcomes(sha256s: list[str]) -> list[Outcome]:
+    """Predict the stored uploads; an expired or bad upload becomes its error."""
+    uploads = get_job_store().get_uploads(sha256s)
+    present = [data for data in uploads if data is not None]
+    answers = iter(get_service().predict_many(present))
+    outcomes: list[Outcome] = []
+    for data in uploads:
+        if data is None:
+            outcomes.append(
+                {"error": "The upload expired before it was processed.", "code": "upload_expired"}
+            )
+            continue
+        answer = next(answers)
+        if isinstance(answer, ServiceError):
+            outcomes.append(answer.to_dict())
+        else:
+            outcomes.append({"result": answer})
+    return outcomes
+
+
+@shared_task(bind=True, name=PREDICT_UPLOAD)
+def predict_upload(
+    self: Task,  # type: ignore[type-arg]
+    sha256: str,
+    request_id: str,
+) -> Outcome:
+    """Predict one stored upload (queued by /predict_async)."""
+    with logger.contextualize(request_id=request_id, task_id=self.request.id):
+        _pause_for_tests()
+        outcome = _outcomes([sha256])[0]
+        logger.info("task done", code=outcome.get("code"))
+        return outcome
+
+
+@shared_task(bind=True, name=PREDICT_UPLOADS)
+def predict_uploads(
+    self: Task,  # type: ignore[type-arg]
+    sha256s: list[str],
+) -> list[Outcome]:
+    """Predict a chunk of stored uploads in one model call (bulk scoring)."""
+    with logger.contextualize(task_id=self.request.id):
+        _pause_for_tests()
+        return _outcomes(sha256s)

@@ -1,0 +1,267 @@
+"""Async predictions on Celery: a real worker process against a real redis-server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from apiflask import APIFlask
+from flask.testing import FlaskClient
+
+from mnist_api.app import create_app
+from mnist_api.config import PROJECT_ROOT, Settings
+from mnist_api.tasks import celery_config
+from tests.conftest import API_KEYS, free_port, procfile_command, venv_env
+from tests.redis_server import RedisServer
+from tests.samples import as_paper, encode, sample
+from tests.test_errors import BAD_FILES, assert_contract_error
+
+
+@dataclass
+class Worker:
+    """The Procfile's `worker` command as a subprocess in its own process group."""
+
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"worker exited early:\n{self.log()[-3000:]}")
+            if " ready." in self.log():
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"worker not ready:\n{self.log()[-3000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL the whole group (main process and pool children), like a lost machine."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture
+def start_worker(redis_server: RedisServer, tmp_path: Path) -> Iterator[Callable[..., Worker]]:
+    """Start Procfile workers on the test's Redis; all are stopped at the end."""
+    workers: list[Worker] = []
+
+    def start(**env: str) -> Worker:
+        log_path = tmp_path / f"worker-{len(workers)}.log"
+        environment = venv_env(
+            REDIS_URL=redis_server.url,
+            API_KEYS=",".join(API_KEYS),
+            CELERY_CONCURRENCY="1",
+            LOG_FORMAT="json",
+            **env,
+        )
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                procfile_command("worker"),
+                cwd=PROJECT_ROOT,
+                env=environment,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        worker = Worker(process, log_path)
+        workers.append(worker)
+        worker.wait_ready()
+        return worker
+
+    yield start
+    for worker in workers:
+        worker.stop()
+
+
+@pytest.fixture
+def queue_app(settings: Settings, redis_server: RedisServer) -> APIFlask:
+    return create_app(settings.replace(redis_url=redis_server.url))
+
+
+@pytest.fixture
+def queue_client(queue_app: APIFlask) -> FlaskClient:
+    return queue_app.test_client()
+
+
+def png(digit: int) -> bytes:
+    return encode(as_paper(sample(digit)))
+
+
+def submit(client: FlaskClient, data: bytes, auth: dict[str, str]) -> str:
+    response = client.post(
+        "/predict_async",
+        data=data,
+        headers={**auth, "Content-Type": "image/png", "X-Request-ID": "job-1"},
+    )
+    assert response.status_code == 202, response.get_json()
+    body = response.get_json()
+    assert body["status_url"] == f"/tasks/{body['task_id']}"
+    assert response.headers["Location"] == body["status_url"]
+    return str(body["task_id"])
+
+
+def poll(
+    client: FlaskClient, task_id: str, auth: dict[str, str], until: str, timeout: float = 30.0
+) -> dict:
+    deadline = time.monotonic() + timeout
+    body: dict = {}
+    while time.monotonic() < deadline:
+        response = client.get(f"/tasks/{task_id}", headers=auth)
+        assert response.status_code == 200, response.get_json()
+        body = response.get_json()
+        if body["state"] == until:
+            return body
+        assert body["state"] != "FAILURE", body
+        time.sleep(0.1)
+    raise TimeoutError(f"task {task_id} still {body} after {timeout} s")
+
+
+def test_worker_answers_like_predict(
+    queue_client: FlaskClient, start_worker: Callable[..., Worker], auth: dict[str, str]
+) -> None:
+    worker = start_worker()
+    data = png(6)
+    task_id = submit(queue_client, data, auth)
+    done = poll(queue_client, task_id, auth, "SUCCESS")
+    direct = queue_client.post(
+        "/predict", data=data, headers={**auth, "Content-Type": "image/png"}
+    ).get_json()
+    assert direct["cached"] is True  # the worker stored its answer in the shared cache
+    assert {**done["result"], "cached": True} == direct
+    lines = [json.loads(line) for line in worker.log().splitlines() if line.startswith("{")]
+    assert any(
+        line.get("request_id") == "job-1" and line["message"] == "task done" for line in lines
+    )
+
+
+def test_pending_until_a_worker_runs_it(
+    queue_client: FlaskClient, start_worker: Callable[..., Worker], auth: dict[str, str]
+) -> None:
+    task_id = submit(queue_client, png(2), auth)
+    body = queue_client.get(f"/tasks/{task_id}", headers=auth).get_json()
+    assert body["state"] == "PENDING" and body["status"]
+    start_worker()
+    assert poll(queue_client, task_id, auth, "SUCCESS")["result"]["prediccion"] in range(10)
+
+
+def test_cached_upload_completes_at_once(queue_client: FlaskClient, auth: dict[str, str]) -> None:
+    data = png(4)
+    queue_client.post("/predict", data=data, headers={**auth, "Content-Type": "image/png"})
+    task_id = submit(queue_client, data, auth)  # no worker is running
+    body = queue_client.get(f"/tasks/{task_id}", headers=auth).get_json()
+    assert body["state"] == "SUCCESS"
+    assert body["result"]["cached"] is True
+
+
+def test_task_survives_its_worker_being_killed(
+    settings: Settings,
+    redis_server: RedisServer,
+    start_worker: Callable[..., Worker],
+    auth: dict[str, str],
+) -> None:
+    env = {"TASK_DELAY_SECONDS": "3", "BROKER_VISIBILITY_TIMEOUT": "2"}
+    app = create_app(settings.replace(redis_url=redis_server.url, broker_visibility_timeout=2))
+    client = app.test_client()
+    first = start_worker(**env)
+    task_id = submit(client, png(8), auth)
+    poll(client, task_id, auth, "STARTED", timeout=30)
+    first.kill()  # mid-task: the message was not acknowledged
+    start_worker(**env)
+    done = poll(client, task_id, auth, "SUCCESS", timeout=90)
+    assert done["result"]["prediccion"] in range(10)
+
+
+@pytest.mark.parametrize("name", ["truncated_png", "pdf", "pixel_bomb", "blank_white"])
+def test_bad_uploads_are_refused_synchronously(
+    queue_client: FlaskClient, auth: dict[str, str], name: str
+) -> None:
+    make, status, code = BAD_FILES[name]
+    response = queue_client.post(
+        "/predict_async", data=make(), headers={**auth, "Content-Type": "image/png"}
+    )
+    assert_contract_error(response, status, code)
+
+
+def test_unknown_task_ids_are_404(queue_client: FlaskClient, auth: dict[str, str]) -> None:
+    for task_id in (str(uuid.uuid4()), "not-a-uuid", "x" * 300):
+        assert_contract_error(
+            queue_client.get(f"/tasks/{task_id}", headers=auth), 404, "task_not_found"
+        )
+
+
+def test_tasks_need_the_key(queue_client: FlaskClient) -> None:
+    assert_contract_error(queue_client.get(f"/tasks/{uuid.uuid4()}"), 401, "unauthorized")
+    assert_contract_error(queue_client.post("/predict_async", data=png(1)), 401, "unauthorized")
+
+
+def test_broker_down_is_503_and_nothing_is_accepted(
+    settings: Settings, auth: dict[str, str]
+) -> None:
+    app = create_app(settings.replace(redis_url=f"redis://127.0.0.1:{free_port()}/0"))
+    client = app.test_client()
+    started = time.monotonic()
+    response = client.post(
+        "/predict_async", data=png(5), headers={**auth, "Content-Type": "image/png"}
+    )
+    assert time.monotonic() - started < 5
+    assert_contract_error(response, 503, "broker_unavailable")
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.get_json()["broker"] == "down"
+    # the synchronous path still serves
+    sync = client.post("/predict", data=png(5), headers={**auth, "Content-Type": "image/png"})
+    assert sync.status_code == 200
+
+
+def test_redis_killed_after_accepting_then_back(
+    queue_client: FlaskClient,
+    redis_server: RedisServer,
+    start_worker: Callable[..., Worker],
+    auth: dict[str, str],
+) -> None:
+    task_id = submit(queue_client, png(3), auth)
+    redis_server.kill()
+    assert_contract_error(
+        queue_client.get(f"/tasks/{task_id}", headers=auth), 503, "broker_unavailable"
+    )
+    redis_server.start()  # an empty Redis: the queued job was lost with it
+    assert_contract_error(
+        queue_client.get(f"/tasks/{task_id}", headers=auth), 404, "task_not_found"
+    )
+
+
+def test_eager_mode_without_a_broker(client: FlaskClient, auth: dict[str, str]) -> None:
+    assert client.get("/readyz").get_json()["broker"] == "eager"
+    task_id = submit(client, png(7), auth)
+    body = client.get(f"/tasks/{task_id}", headers=auth).get_json()
+    assert body["state"] == "SUCCESS"
+    assert body["result"]["prediccion"] in range(10)
+
+
+def test_celery_settings(settings: Settings) -> None:
+    config = celery_config(settings.replace(redis_url="rediss://:pw@example:6380/0"))
+    assert config["accept_content"] == ["json"] == config["result_accept_content"]
+    assert config["task_serializer"] == config["result_serializer"] == "json"
+    assert config["task_acks_late"] and config["task_reject_on_worker_lost"]
+    assert config["result_expires"] == settings.result_expires_seconds
+    assert config["broker_use_ssl"]["ssl_cert_reqs"] == 0  # ssl.CERT_NONE
+    assert celery_config(settings)["task_always_eager"] is True
