@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from mnist_api import create_app
 from mnist_api.config import PROJECT_ROOT, Settings
 from mnist_api.extensions import CACHE
 from tests.redis_server import RedisServer
+from tests.worker_process import Worker
 
 API_KEYS = ("test-key-one", "test-key-two")
 
@@ -178,3 +179,36 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.kill()
+
+
+@pytest.fixture
+def start_worker(redis_server: RedisServer, tmp_path: Path) -> Iterator[Callable[..., Worker]]:
+    """Start Procfile workers on the test's Redis; all are stopped at the end."""
+    workers: list[Worker] = []
+
+    def start(**env: str) -> Worker:
+        log_path = tmp_path / f"worker-{len(workers)}.log"
+        defaults = {
+            "REDIS_URL": redis_server.url,
+            "API_KEYS": ",".join(API_KEYS),
+            "CELERY_CONCURRENCY": "1",
+            "LOG_FORMAT": "json",
+        }
+        environment = venv_env(**{**defaults, **env})
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                procfile_command("worker"),
+                cwd=PROJECT_ROOT,
+                env=environment,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        worker = Worker(process, log_path)
+        workers.append(worker)
+        worker.wait_ready()
+        return worker
+
+    yield start
+    for worker in workers:
+        worker.stop()

@@ -3,94 +3,22 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 from apiflask import APIFlask
 from flask.testing import FlaskClient
 
 from mnist_api.app import create_app
-from mnist_api.config import PROJECT_ROOT, Settings
+from mnist_api.config import Settings
 from mnist_api.tasks import celery_config
-from tests.conftest import API_KEYS, free_port, procfile_command, venv_env
+from tests.conftest import free_port
 from tests.redis_server import RedisServer
 from tests.samples import as_paper, encode, sample
 from tests.test_errors import BAD_FILES, assert_contract_error
-
-
-@dataclass
-class Worker:
-    """The Procfile's `worker` command as a subprocess in its own process group."""
-
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"worker exited early:\n{self.log()[-3000:]}")
-            if " ready." in self.log():
-                return
-            time.sleep(0.1)
-        raise TimeoutError(f"worker not ready:\n{self.log()[-3000:]}")
-
-    def kill(self) -> None:
-        """SIGKILL the whole group (main process and pool children), like a lost machine."""
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
-@pytest.fixture
-def start_worker(redis_server: RedisServer, tmp_path: Path) -> Iterator[Callable[..., Worker]]:
-    """Start Procfile workers on the test's Redis; all are stopped at the end."""
-    workers: list[Worker] = []
-
-    def start(**env: str) -> Worker:
-        log_path = tmp_path / f"worker-{len(workers)}.log"
-        environment = venv_env(
-            REDIS_URL=redis_server.url,
-            API_KEYS=",".join(API_KEYS),
-            CELERY_CONCURRENCY="1",
-            LOG_FORMAT="json",
-            **env,
-        )
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                procfile_command("worker"),
-                cwd=PROJECT_ROOT,
-                env=environment,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        worker = Worker(process, log_path)
-        workers.append(worker)
-        worker.wait_ready()
-        return worker
-
-    yield start
-    for worker in workers:
-        worker.stop()
+from tests.worker_process import Worker
 
 
 @pytest.fixture
