@@ -8,7 +8,7 @@ from apiflask import APIFlask
 from flask_cors import CORS
 from loguru import logger
 
-from mnist_api import error_handlers, extensions, metrics, request_context, schemas
+from mnist_api import error_handlers, extensions, metrics, rate_limits, request_context, schemas
 from mnist_api.cache import CacheHooks, build_cache
 from mnist_api.config import Settings
 from mnist_api.job_store import build_job_store
@@ -72,6 +72,7 @@ def create_app(settings: Settings | None = None, *, load_model: bool = True) -> 
     )
     request_context.init_app(app)
     error_handlers.init_app(app)
+    rate_limits.init_app(app, settings, limited=api.bp)
     metrics.init_app(
         app,
         multiprocess=bool(settings.prometheus_multiproc_dir),

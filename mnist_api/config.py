@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from limits import parse_many
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MIB = 1024 * 1024
 
@@ -49,6 +51,20 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         raise ConfigError(f"{name} must be a number, got {raw!r}") from exc
 
 
+def _rate_limit(raw: str | None, default: str) -> str:
+    """RATE_LIMIT: unset means the default; "off" (or "none", "0") turns limits off."""
+    if raw is None or not raw.strip():
+        return default
+    value = raw.strip()
+    if value.lower() in ("off", "none", "0", "false"):
+        return ""
+    try:
+        parse_many(value)
+    except ValueError as exc:
+        raise ConfigError(f"RATE_LIMIT must look like '120/minute', got {value!r}") from exc
+    return value
+
+
 def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in env.get(name, "").split(",") if item.strip())
 
@@ -73,6 +89,8 @@ class Settings:
     result_expires_seconds: int = 86_400
     broker_visibility_timeout: int = 3600
     task_delay_seconds: float = 0.0  # test and demo only: makes a running task observable
+    rate_limit: str = "120/minute"
+    proxy_fix_x_for: int = 1
     log_level: str = "INFO"
     log_format: str = "json"
     # Metrics: the multiprocess folder is set by gunicorn.conf.py for its workers.
@@ -112,6 +130,8 @@ class Settings:
                 env, "BROKER_VISIBILITY_TIMEOUT", cls.broker_visibility_timeout, 1
             ),
             task_delay_seconds=_float(env, "TASK_DELAY_SECONDS", cls.task_delay_seconds),
+            rate_limit=_rate_limit(env.get("RATE_LIMIT"), cls.rate_limit),
+            proxy_fix_x_for=_int(env, "PROXY_FIX_X_FOR", cls.proxy_fix_x_for, 0),
             log_level=_text(env, "LOG_LEVEL", cls.log_level).upper(),
             log_format=_text(env, "LOG_FORMAT", cls.log_format).lower(),
             prometheus_multiproc_dir=_text(env, "PROMETHEUS_MULTIPROC_DIR", ""),

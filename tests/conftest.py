@@ -29,8 +29,8 @@ API_KEYS = ("test-key-one", "test-key-two")
 
 @pytest.fixture(scope="session")
 def settings() -> Settings:
-    """Settings for tests: two API keys, the committed model, text logs."""
-    return Settings(api_keys=API_KEYS, log_format="text", log_level="WARNING")
+    """Settings for tests: two API keys, the committed model, text logs, no rate limit."""
+    return Settings(api_keys=API_KEYS, log_format="text", log_level="WARNING", rate_limit="")
 
 
 @pytest.fixture(scope="session")
@@ -144,6 +144,7 @@ def start_web(tmp_dir: Path, **env: str) -> LiveServer:
         "WEB_CONCURRENCY": "2",
         "LOG_FORMAT": "json",
         "LOG_LEVEL": "INFO",
+        "RATE_LIMIT": "off",  # tests/test_rate_limits.py turns it on where it is the subject
         "PROMETHEUS_MULTIPROC_DIR": str(tmp_dir / f"metrics-{port}"),
     }
     environment = venv_env(**{**defaults, **env})

@@ -6,6 +6,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -59,21 +60,26 @@ def scrape(server: LiveServer) -> str:
 def test_counts_are_exact_across_workers(three_workers: LiveServer) -> None:
     uploads = {digit: encode(as_paper(sample(digit))) for digit in range(10)}
     before = scrape(three_workers)
-    sent = 0
-    for round_ in range(3):
-        for data in uploads.values():
-            response = requests.post(
-                f"{three_workers.url}/predict",
-                data=data + bytes([round_]) * bool(round_),  # new bytes per round: no hits
-                headers={
-                    "x-api-key": three_workers.api_key,
-                    "Content-Type": "image/png",
-                    "Connection": "close",
-                },
-                timeout=10,
-            )
-            assert response.status_code == 200
-            sent += 1
+    # New bytes per round (no cache hits), sent concurrently so every worker takes some.
+    bodies = [
+        data + bytes([round_]) * bool(round_) for round_ in range(4) for data in uploads.values()
+    ]
+
+    def post(data: bytes) -> int:
+        return requests.post(
+            f"{three_workers.url}/predict",
+            data=data,
+            timeout=10,
+            headers={
+                "x-api-key": three_workers.api_key,
+                "Content-Type": "image/png",
+                "Connection": "close",
+            },
+        ).status_code
+
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        assert set(pool.map(post, bodies)) == {200}
+    sent = len(bodies)
     served_by = {r["pid"] for r in three_workers.records() if r.get("route") == "/predict"}
     assert len(served_by) >= 2  # the predictions really were spread over workers
 

@@ -1,0 +1,60 @@
+"""Per-key rate limits on the keyed API (flask-limiter), shared by every worker and dyno.
+
+Counts live in Redis when `REDIS_URL` is set (one count across workers and dynos), else in
+memory. A request with a valid key is counted against that key; anything else (no key, a
+wrong key) against the client's IP, so rotating made-up keys does not escape the limit. If
+the limiter's Redis fails, requests are still served (fail open, logged) and counted in
+memory until Redis answers again. Public routes (/healthz, /readyz, /metrics, the page)
+are not limited.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from apiflask import APIBlueprint
+from flask import Flask, request
+from flask_limiter import Limiter
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+from mnist_api.auth import API_KEY_HEADER, key_fingerprint, key_matches
+from mnist_api.config import Settings
+from mnist_api.extensions import get_settings
+
+
+def rate_limit_key() -> str:
+    """The identity a request is counted against: its valid key, else its client IP."""
+    key = request.headers.get(API_KEY_HEADER, "")
+    if key and key_matches(key, get_settings().api_keys):
+        return f"key:{key_fingerprint(key)}"
+    return f"ip:{request.remote_addr or 'unknown'}"
+
+
+def init_app(app: Flask, settings: Settings, limited: APIBlueprint) -> Limiter | None:
+    """Trust the router's X-Forwarded-For, then limit the routes of `limited`."""
+    if settings.proxy_fix_x_for > 0:
+        # Heroku's router (one hop) appends the client's address: without this every
+        # request would come from the router and share one IP bucket.
+        app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
+            app.wsgi_app, x_for=settings.proxy_fix_x_for, x_proto=settings.proxy_fix_x_for
+        )
+    if not settings.rate_limit:
+        return None
+    storage_options: dict[str, Any] = {}
+    if settings.redis_url:
+        storage_options = {"socket_timeout": 0.2, "socket_connect_timeout": 0.2}
+        if settings.redis_url.startswith("rediss://"):
+            storage_options["ssl_cert_reqs"] = None  # Heroku Redis: self-signed certificate
+    limiter = Limiter(
+        key_func=rate_limit_key,
+        app=app,
+        storage_uri=settings.redis_url or "memory://",
+        storage_options=storage_options,
+        strategy="fixed-window",
+        headers_enabled=True,
+        swallow_errors=True,  # a limiter outage must never become a 5xx
+        in_memory_fallback_enabled=True,
+        key_prefix="mnist-rl",
+    )
+    limiter.limit(settings.rate_limit)(limited)
+    return limiter

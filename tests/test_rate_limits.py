@@ -1,0 +1,114 @@
+"""Per-key rate limits: shared across gunicorn workers through Redis, 429s with headers."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+from flask.testing import FlaskClient
+
+from mnist_api.app import create_app
+from mnist_api.config import ConfigError, Settings
+from tests.conftest import API_KEYS, free_port, start_web, stop
+from tests.redis_server import RedisServer
+from tests.samples import as_paper, encode, sample
+from tests.test_errors import assert_contract_error
+
+PNG = encode(as_paper(sample(5)))
+
+
+@pytest.fixture
+def limited(settings: Settings) -> FlaskClient:
+    return create_app(settings.replace(rate_limit="3/minute")).test_client()
+
+
+def predict(client: FlaskClient, key: str, **headers: str):
+    return client.post(
+        "/predict", data=PNG, headers={"x-api-key": key, "Content-Type": "image/png", **headers}
+    )
+
+
+def test_limit_per_key_with_headers(limited: FlaskClient) -> None:
+    answers = [predict(limited, API_KEYS[0]) for _ in range(3)]
+    assert [a.status_code for a in answers] == [200, 200, 200]
+    assert answers[0].headers["X-RateLimit-Limit"] == "3"
+    assert [a.headers["X-RateLimit-Remaining"] for a in answers] == ["2", "1", "0"]
+    refused = predict(limited, API_KEYS[0])
+    assert_contract_error(refused, 429, "rate_limited")
+    assert 0 < int(refused.headers["Retry-After"]) <= 60
+    assert refused.headers["X-RateLimit-Remaining"] == "0"
+    assert "X-RateLimit-Reset" in refused.headers
+    # another key has its own budget
+    assert predict(limited, API_KEYS[1]).status_code == 200
+
+
+def test_unknown_keys_are_counted_by_ip(limited: FlaskClient) -> None:
+    statuses = [predict(limited, f"made-up-{i}").status_code for i in range(4)]
+    assert statuses == [401, 401, 401, 429]
+    # behind the router, each client is its own IP (X-Forwarded-For via ProxyFix)
+    other = predict(limited, "made-up", **{"X-Forwarded-For": "203.0.113.9"})
+    assert other.status_code == 401
+
+
+def test_public_routes_are_not_limited(limited: FlaskClient) -> None:
+    for path in ("/healthz", "/readyz", "/metrics", "/"):
+        assert all(limited.get(path).status_code == 200 for _ in range(6)), path
+
+
+def test_rate_limit_setting() -> None:
+    assert Settings.from_env({}).rate_limit == "120/minute"
+    assert Settings.from_env({"RATE_LIMIT": "off"}).rate_limit == ""
+    assert Settings.from_env({"RATE_LIMIT": "10/second;500/hour"}).rate_limit
+    with pytest.raises(ConfigError, match="RATE_LIMIT"):
+        Settings.from_env({"RATE_LIMIT": "lots"})
+
+
+def test_limiter_redis_down_fails_open(settings: Settings) -> None:
+    client = create_app(
+        settings.replace(rate_limit="2/minute", redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    ).test_client()
+    statuses = [predict(client, API_KEYS[0]).status_code for _ in range(4)]
+    assert all(status < 500 for status in statuses)
+    assert statuses[0] == 200
+
+
+def test_two_workers_share_one_count(redis_server: RedisServer, tmp_path: Path) -> None:
+    server = start_web(
+        tmp_path,
+        REDIS_URL=redis_server.url,
+        RATE_LIMIT="20/minute",
+        WEB_CONCURRENCY="2",
+        GUNICORN_THREADS="1",
+    )
+    try:
+
+        def post(_: int) -> int:
+            return requests.post(
+                f"{server.url}/predict",
+                data=PNG,
+                timeout=10,
+                headers={
+                    "x-api-key": server.api_key,
+                    "Content-Type": "image/png",
+                    "Connection": "close",
+                },
+            ).status_code
+
+        # All at once: with one thread per worker, a busy worker leaves the next to the other.
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            statuses = list(pool.map(post, range(40)))
+        assert statuses.count(200) == 20 and statuses.count(429) == 20, statuses
+        served_by = {r["pid"] for r in server.records() if r.get("route") == "/predict"}
+        assert len(served_by) == 2  # both workers answered, and still one budget
+        redis_server.kill()  # the limiter's store goes away: requests are still served
+        after = requests.post(
+            f"{server.url}/predict",
+            data=PNG,
+            timeout=10,
+            headers={"x-api-key": API_KEYS[1], "Content-Type": "image/png"},
+        )
+        assert after.status_code == 200
+    finally:
+        stop(server.process)
