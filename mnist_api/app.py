@@ -115,10 +115,30 @@ def _flask_config(settings: Settings) -> dict[str, Any]:
     }
 
 
+METRICS_OPERATION = {
+    "get": {
+        "tags": ["Operations"],
+        "summary": "Prometheus metrics, summed over all workers",
+        "description": "Needs `Authorization: Bearer <METRICS_TOKEN>` when that is set.",
+        "responses": {
+            "200": {
+                "description": "Prometheus text exposition format",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            },
+            "401": {
+                "description": "METRICS_TOKEN is set and the bearer token is missing or wrong",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+            },
+        },
+    }
+}
+
+
 def _document_raw_uploads(spec: dict[str, Any] | str) -> dict[str, Any] | str:
     """Add the raw-body alternative of /predict next to its generated multipart schema."""
     if isinstance(spec, str):  # only with SPEC_FORMAT = "yaml", which this app does not use
         return spec
+    spec.setdefault("paths", {})["/metrics"] = METRICS_OPERATION
     operation = spec.get("paths", {}).get("/predict", {}).get("post")
     if operation is not None:
         content = operation.setdefault("requestBody", {}).setdefault("content", {})

@@ -161,6 +161,8 @@ def init_app(app: Flask, multiprocess: bool, token: str = "") -> None:
         for metric in ALL:
             registry.register(metric)
         PrometheusMetrics(app, registry=registry, **options)
+    # APIFlask would document this text endpoint as JSON; app.py documents it by hand.
+    setattr(app.view_functions["prometheus_metrics"], "_spec", {"hide": True})  # noqa: B010
 
     @app.before_request
     def _enter() -> None:

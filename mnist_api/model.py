@@ -110,6 +110,31 @@ class DigitModel:
         self._loaded_pid = os.getpid()
         self.predict(np.zeros((1, 28, 28), dtype=np.float32))  # warm-up: first call is slow
 
+    def describe(self) -> dict[str, Any]:
+        """Facts read from the loaded model itself (not from its card): what /model shows."""
+        if self.input_spec is None or self.output_spec is None:
+            raise ModelNotLoaded("call load() first")
+        return {
+            "name": self.card.get("name", MODEL_NAME),
+            "version": self.version,
+            "model_version": self.full_version,
+            "sha256": self.sha256,
+            "input_shape": list(self.input_spec.shape),
+            "input_dtype": self.input_spec.dtype.name,
+            "quantization": {
+                "input": {"scale": self.input_spec.scale, "zero_point": self.input_spec.zero_point},
+                "output": {
+                    "scale": self.output_spec.scale,
+                    "zero_point": self.output_spec.zero_point,
+                },
+            },
+            "size_bytes": len(self._content),
+            "labels": list(range(NUM_CLASSES)),
+            "metrics": self.card.get("metrics", {}),
+            "created": self.card.get("created", ""),
+            "card_matches_file": bool(self.card) and not self.card_mismatch(),
+        }
+
     def card_mismatch(self) -> bool:
         """True when the card names another file than the one loaded (a stale or wrong card)."""
         return bool(self.card) and self.card.get("sha256") != self.sha256

@@ -9,6 +9,7 @@ from flask import g, request, url_for
 
 from mnist_api import schemas, uploads
 from mnist_api.auth import api_key_auth
+from mnist_api.errors import NotReady
 from mnist_api.extensions import get_cache, get_jobs, get_model, get_service, get_settings
 
 bp = APIBlueprint("api", __name__, tag="Predictions")
@@ -59,7 +60,18 @@ def predict_batch(_form: Any) -> dict[str, Any]:
 @bp.post("/predict_async")
 @bp.auth_required(api_key_auth)
 @bp.input(schemas.Upload, location="files", validation=False, arg_name="_form")
-@bp.output(schemas.TaskAccepted, status_code=202, headers=schemas.LocationHeader)
+@bp.output(
+    schemas.TaskAccepted,
+    status_code=202,
+    headers=schemas.LocationHeader,
+    # Tells clients (and schemathesis' stateful tests) where the id goes next.
+    links={
+        "TaskStatus": {
+            "operationId": "api_task_status",
+            "parameters": {"task_id": "$response.body#/task_id"},
+        }
+    },
+)
 @bp.doc(
     summary="Queue a prediction and poll its status",
     description=(
@@ -79,7 +91,11 @@ def predict_async(_form: Any) -> tuple[dict[str, Any], int, dict[str, str]]:
 @bp.get("/tasks/<task_id>")
 @bp.auth_required(api_key_auth)
 @bp.output(schemas.TaskStatus)
-@bp.doc(summary="State of a queued prediction", responses=[401, 404, 503])
+@bp.doc(
+    summary="State of a queued prediction",
+    responses=[401, 404, 503],
+    operation_id="api_task_status",
+)
 def task_status(task_id: str) -> dict[str, Any]:
     """PENDING, STARTED, SUCCESS (with the result) or FAILURE (with a message)."""
     return get_jobs().status(task_id)
@@ -88,19 +104,10 @@ def task_status(task_id: str) -> dict[str, Any]:
 @bp.get("/model")
 @bp.auth_required(api_key_auth)
 @bp.output(schemas.ModelInfo)
-@bp.doc(summary="Describe the model in use (from its model card)", responses=[401])
+@bp.doc(summary="Describe the model in use", responses=[401, 503])
 def model_info() -> dict[str, Any]:
-    """The model card, checked against the file actually loaded."""
+    """The loaded model's own facts, with accuracy and date from its model card."""
     model = get_model()
-    card = model.card
-    return {
-        **card,
-        "name": card.get("name", "mnist-cnn-int8"),
-        "version": model.version,
-        "model_version": model.full_version,
-        "sha256": model.sha256,
-        "card_matches_file": not model.card_mismatch(),
-        "cache": get_cache().backend,
-        "metrics": card.get("metrics", {}),
-        "created": card.get("created", ""),
-    }
+    if not model.ready:
+        raise NotReady()
+    return {**model.describe(), "cache": get_cache().backend}
