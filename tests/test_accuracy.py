@@ -7,8 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import requests
 
-from tests.conftest import LiveServer
 from tests.samples import mnist_test_split, upload_like_a_user
+from tools.services import LiveServer
 
 
 def test_accuracy_on_user_style_uploads(live_server: LiveServer) -> None:

@@ -6,9 +6,9 @@ import pytest
 from flask.testing import FlaskClient
 
 from mnist_api.auth import key_fingerprint, key_matches
-from tests.conftest import API_KEYS
 from tests.samples import as_paper, encode, sample
 from tests.test_errors import assert_contract_error
+from tools.services import API_KEYS
 
 KEYED_ROUTES = [("POST", "/predict"), ("POST", "/predict/batch"), ("GET", "/model")]
 

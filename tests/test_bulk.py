@@ -13,11 +13,11 @@ import pytest
 from PIL import Image
 
 from mnist_api.config import PROJECT_ROOT
-from tests.conftest import API_KEYS, venv_env
-from tests.redis_server import RedisServer
 from tests.samples import as_paper, encode, sample
 from tests.test_errors import pdf_file, truncated_png
 from tests.worker_process import Worker
+from tools.redis_server import RedisServer
+from tools.services import API_KEYS, venv_env
 
 GOOD = {f"digits/{d}.png": d for d in (0, 3, 7)} | {"photo_4.jpg": 4, "nested/deeper/9.png": 9}
 BAD = {

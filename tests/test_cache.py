@@ -21,9 +21,9 @@ from mnist_api.cache import CacheHooks, MemoryCache, RedisCache, build_cache
 from mnist_api.config import Settings
 from mnist_api.extensions import CACHE, MODEL
 from mnist_api.model import DigitModel
-from tests.conftest import free_port
-from tests.redis_server import RedisServer
 from tests.samples import as_paper, encode, sample
+from tools.redis_server import RedisServer
+from tools.services import free_port
 
 
 def png_of(digit: int, nonce: int = 0) -> bytes:

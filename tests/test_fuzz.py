@@ -16,7 +16,7 @@ from PIL import Image
 
 from mnist_api.errors import ServiceError
 from mnist_api.preprocessing import Limits, preprocess
-from tests.conftest import LiveServer
+from tools.services import LiveServer
 
 CONTRACT_CODES = {
     400: {"missing_file", "invalid_image"},
@@ -119,7 +119,7 @@ def test_predict_answers_200_or_a_contract_error(
     assert body["code"] in CONTRACT_CODES[response.status_code]
 
 
-def test_openapi_contract_with_schemathesis(live_server: LiveServer) -> None:
+def test_openapi_contract_with_schemathesis(live_server: LiveServer, tmp_path: Path) -> None:
     """No 5xx; every response matches the documented schema, status codes and content types.
 
     Runs the schemathesis CLI (coverage, fuzzing and stateful phases, following the link from

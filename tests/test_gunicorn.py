@@ -6,8 +6,8 @@ import time
 
 import requests
 
-from tests.conftest import LiveServer
 from tests.samples import as_paper, encode, sample
+from tools.services import LiveServer
 
 
 def test_predicts_over_http(live_server: LiveServer) -> None:

@@ -15,9 +15,9 @@ import pytest
 import requests
 
 from mnist_api.config import PROJECT_ROOT
-from tests.conftest import API_KEYS, free_port, venv_env, wait_ready
-from tests.redis_server import RedisServer
 from tests.samples import as_paper, encode, sample
+from tools.redis_server import RedisServer
+from tools.services import API_KEYS, free_port, venv_env, wait_ready
 
 HONCHO = Path(sys.executable).parent / "honcho"
 SLUG_LIMIT_MB = 500

@@ -14,8 +14,8 @@ from mnist_api import create_app
 from mnist_api.config import Settings
 from mnist_api.extensions import SERVICE
 from mnist_api.logs import configure_logging
-from tests.conftest import LiveServer
 from tests.samples import as_paper, encode, sample
+from tools.services import LiveServer
 
 
 @pytest.fixture

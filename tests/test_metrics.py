@@ -16,8 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mnist_api import create_app
 from mnist_api.config import Settings
-from tests.conftest import LiveServer, start_web, stop
 from tests.samples import as_paper, encode, sample
+from tools.services import LiveServer, start_web, stop
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

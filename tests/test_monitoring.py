@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw
 from prometheus_client.parser import text_string_to_metric_families
 
 from mnist_api.config import PROJECT_ROOT
-from tests.conftest import LiveServer
+from tools.services import LiveServer
 
 MONITORING = PROJECT_ROOT / "monitoring"
 PROMETHEUS_YML = MONITORING / "prometheus.yml"

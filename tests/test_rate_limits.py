@@ -11,10 +11,10 @@ from flask.testing import FlaskClient
 
 from mnist_api.app import create_app
 from mnist_api.config import ConfigError, Settings
-from tests.conftest import API_KEYS, free_port, start_web, stop
-from tests.redis_server import RedisServer
 from tests.samples import as_paper, encode, sample
 from tests.test_errors import assert_contract_error
+from tools.redis_server import RedisServer
+from tools.services import API_KEYS, free_port, start_web, stop
 
 PNG = encode(as_paper(sample(5)))
 

@@ -14,11 +14,11 @@ from flask.testing import FlaskClient
 from mnist_api.app import create_app
 from mnist_api.config import Settings
 from mnist_api.tasks import celery_config
-from tests.conftest import free_port
-from tests.redis_server import RedisServer
 from tests.samples import as_paper, encode, sample
 from tests.test_errors import BAD_FILES, assert_contract_error
 from tests.worker_process import Worker
+from tools.redis_server import RedisServer
+from tools.services import free_port
 
 
 @pytest.fixture
