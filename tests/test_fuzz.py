@@ -149,6 +149,7 @@ def test_openapi_contract_with_schemathesis(live_server: LiveServer, tmp_path: P
         text=True,
         timeout=300,
         check=False,
+        cwd=tmp_path,  # schemathesis keeps its state in .schemathesis/ under the cwd
     )
     assert done.returncode == 0, done.stdout[-6000:]
     assert " passed" in done.stdout
