@@ -7,7 +7,7 @@ PORT ?= 8000
 # A development key for `make run` only; production refuses to start without API_KEY(S).
 API_KEY ?= dev-key
 
-.PHONY: run test lint model system-deps clean
+.PHONY: run test lint model soak bench system-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ lint: $(VENV)/.dev-installed
 ## test: static analysis, then the whole pytest suite
 test: system-deps lint
 	$(BIN)/python -m pytest
+
+## soak: the load and fault tests in full (a 2-minute soak at concurrency 32)
+soak: system-deps $(VENV)/.dev-installed
+	$(BIN)/python -m pytest tests/test_load.py --soak-seconds 120 -s -p no:cacheprovider
 
 ## model: retrain the CNN and rebuild the int8 model and its card in models/
 model: $(VENV)/.dev-installed

@@ -25,8 +25,8 @@ timeout = _settings.timeout
 graceful_timeout = 20
 keepalive = 5
 # Recycle workers now and then so slow leaks cannot grow without bound; jitter staggers them.
-max_requests = 5000
-max_requests_jitter = 500
+max_requests = _settings.max_requests  # 0 turns recycling off (the soak test does)
+max_requests_jitter = _settings.max_requests // 10
 # gunicorn's control socket is one path per user: two services on one host would fight
 # over it, and a dyno has no use for it.
 control_socket_disable = True

@@ -102,6 +102,7 @@ class Settings:
     web_concurrency: int = 2
     threads: int = 4
     timeout: int = 25
+    max_requests: int = 5000
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -143,6 +144,7 @@ class Settings:
             web_concurrency=_int(env, "WEB_CONCURRENCY", cls.web_concurrency, 1),
             threads=_int(env, "GUNICORN_THREADS", cls.threads, 1),
             timeout=_int(env, "GUNICORN_TIMEOUT", cls.timeout, 1),
+            max_requests=_int(env, "GUNICORN_MAX_REQUESTS", cls.max_requests, 0),
         )
 
     def replace(self, **changes: object) -> Settings:

@@ -26,6 +26,11 @@ from tools.services import (
 )
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """`--soak-seconds`: how long the soak test runs (`make soak` gives it 120)."""
+    parser.addoption("--soak-seconds", type=float, default=8.0)
+
+
 @pytest.fixture(scope="session")
 def settings() -> Settings:
     """Settings for tests: two API keys, the committed model, text logs, no rate limit."""

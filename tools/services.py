@@ -68,6 +68,17 @@ class LiveServer:
         """The pids of the workers that have loaded the model so far."""
         return {r["pid"] for r in self.records() if "loaded and warmed up" in r["message"]}
 
+    def worker_pids_when(self, count: int, timeout: float = 30.0) -> set[int]:
+        """Wait until `count` workers have loaded the model (ever), and return their pids."""
+        deadline = time.monotonic() + timeout
+        pids = self.worker_pids()
+        while len(pids) < count and time.monotonic() < deadline:
+            time.sleep(0.1)
+            pids = self.worker_pids()
+        if len(pids) < count:
+            raise TimeoutError(f"only {len(pids)} of {count} workers loaded the model")
+        return pids
+
     def stderr(self) -> str:
         """Everything the server printed on stderr so far."""
         return self.log_path.with_suffix(".err").read_text(errors="replace")

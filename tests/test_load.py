@@ -1,0 +1,123 @@
+"""Load and faults against real gunicorn (loopback, bounded, self-stopping).
+
+`make test` runs the short form (seconds); `make soak` runs the soak for 2 minutes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from tests.samples import as_paper, encode, sample
+from tests.test_errors import pdf_file
+from tools.load import LoadResult, Shot, rss_kib, run_load
+from tools.redis_server import RedisServer
+from tools.services import start_web, stop
+
+HIT = encode(as_paper(sample(7)))
+MISS = encode(as_paper(sample(3)))
+BLANK = encode(Image.new("L", (64, 64), 255))
+NOISE = np.random.default_rng(3).integers(0, 256, 3000, dtype=np.uint8).tobytes()
+PDF = pdf_file()
+
+MIXED = [
+    Shot("hit", 200, lambda n: HIT, weight=4),
+    # PNG readers stop at IEND: trailing bytes make a new cache key for the same picture.
+    Shot("miss", 200, lambda n: MISS + n.to_bytes(8, "big"), weight=4),
+    Shot("invalid", 400, lambda n: NOISE),
+    Shot("blank", 422, lambda n: BLANK),
+    Shot("pdf", 415, lambda n: PDF, content_type="application/pdf"),
+    Shot("no_key", 401, lambda n: HIT, key_ok=False),
+]
+
+
+def describe(result: LoadResult) -> str:
+    return (
+        f"{result.sent} requests in {result.seconds:.1f} s "
+        f"({result.sent / max(result.seconds, 1e-9):.0f}/s), statuses {dict(result.by_status)}, "
+        f"{result.failures} failures {result.unexpected[:5]}"
+    )
+
+
+def test_soak_mixed_traffic(tmp_path: Path, redis_server: RedisServer, soak_seconds: float) -> None:
+    server = start_web(tmp_path, REDIS_URL=redis_server.url, GUNICORN_MAX_REQUESTS="0")
+    try:
+        pids = sorted(server.worker_pids_when(2))
+        warm = run_load(
+            server.url, server.api_key, MIXED, seconds=min(3.0, soak_seconds / 4), concurrency=32
+        )
+        assert warm.server_errors == 0, describe(warm)
+        before = {pid: rss_kib(pid) for pid in pids}
+        result = run_load(
+            server.url, server.api_key, MIXED, seconds=soak_seconds, concurrency=32, seed=1
+        )
+        after = {pid: rss_kib(pid) for pid in pids}
+        print(f"soak: {describe(result)}; worker RSS KiB {before} -> {after}")
+        assert result.server_errors == 0, describe(result)
+        assert result.failures == 0, describe(result)  # every bad input got its own 4xx
+        assert set(result.by_shot) == {shot.name for shot in MIXED}
+        for pid in pids:
+            assert after[pid] < before[pid] * 1.10, (pid, before[pid], after[pid])
+    finally:
+        stop(server.process)
+
+
+def test_worker_killed_under_load(tmp_path: Path) -> None:
+    server = start_web(tmp_path, WEB_CONCURRENCY="2")
+    try:
+        victim = sorted(server.worker_pids_when(2))[0]
+        shots = [Shot("miss", 200, lambda n: MISS + n.to_bytes(8, "big"))]
+
+        def kill_soon() -> None:
+            time.sleep(1.0)
+            os.kill(victim, signal.SIGKILL)
+
+        killer = threading.Thread(target=kill_soon)
+        killer.start()
+        # Long enough that the requests caught on the dying worker are a small share.
+        result = run_load(server.url, server.api_key, shots, seconds=10, concurrency=8)
+        killer.join()
+        print(f"worker kill: {describe(result)}")
+        assert result.server_errors == 0, describe(result)
+        assert result.failures < 0.01 * result.sent, describe(result)
+        replaced = server.worker_pids_when(3)  # the master booted a replacement
+        assert victim in replaced and len(replaced) == 3
+        assert requests.get(f"{server.url}/readyz", timeout=5).status_code == 200
+    finally:
+        stop(server.process)
+
+
+def test_redis_killed_and_restarted_under_load(tmp_path: Path, redis_server: RedisServer) -> None:
+    server = start_web(tmp_path, REDIS_URL=redis_server.url, RATE_LIMIT="100000/minute")
+    try:
+
+        def outage() -> None:
+            time.sleep(1.0)
+            redis_server.kill()
+            time.sleep(1.5)
+            redis_server.start()
+
+        fault = threading.Thread(target=outage)
+        fault.start()
+        result = run_load(server.url, server.api_key, MIXED, seconds=5, concurrency=8, seed=2)
+        fault.join()
+        print(f"redis outage: {describe(result)}")
+        assert result.server_errors == 0, describe(result)
+        assert result.failures == 0, describe(result)
+        ready = requests.get(f"{server.url}/readyz", timeout=5).json()
+        assert ready["cache"] == "redis"  # came back by itself
+    finally:
+        stop(server.process)
+
+
+@pytest.fixture
+def soak_seconds(request: pytest.FixtureRequest) -> float:
+    return float(request.config.getoption("--soak-seconds"))

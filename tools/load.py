@@ -1,0 +1,119 @@
+"""A small, bounded load generator for the load and fault tests (loopback only).
+
+Each of `concurrency` threads keeps one HTTP connection and sends requests drawn from a
+traffic mix until the time is up or the request budget is spent, checking every answer
+against the status its kind of request must get.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import requests
+
+
+@dataclass(frozen=True)
+class Shot:
+    """One kind of request: what to send and the status it must get back."""
+
+    name: str
+    expected: int
+    body: Callable[[int], bytes]  # request number -> body (e.g. a unique nonce per miss)
+    content_type: str = "image/png"
+    key_ok: bool = True
+    weight: int = 1
+
+
+@dataclass
+class LoadResult:
+    """What happened: counts per kind and status, and everything that went wrong."""
+
+    sent: int = 0
+    by_status: Counter[int] = field(default_factory=Counter)
+    by_shot: Counter[str] = field(default_factory=Counter)
+    connection_errors: int = 0
+    unexpected: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def server_errors(self) -> int:
+        """Responses with a 5xx status."""
+        return sum(count for status, count in self.by_status.items() if status >= 500)
+
+    @property
+    def failures(self) -> int:
+        """Requests that did not get the answer they must get (connection errors included)."""
+        return len(self.unexpected)
+
+
+def run_load(
+    url: str,
+    api_key: str,
+    shots: Sequence[Shot],
+    *,
+    seconds: float,
+    concurrency: int,
+    max_requests: int = 1_000_000,
+    seed: int = 0,
+) -> LoadResult:
+    """Drive `url` + /predict with the mix for `seconds`; never more than `max_requests`."""
+    result = LoadResult()
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+    weights = [shot.weight for shot in shots]
+    counter = iter(range(max_requests))
+
+    def next_number() -> int | None:
+        with lock:
+            return next(counter, None)
+
+    def worker(index: int) -> None:
+        rng = random.Random(seed * 1000 + index)
+        session = requests.Session()
+        while time.monotonic() < deadline:
+            number = next_number()
+            if number is None:
+                return
+            shot = rng.choices(shots, weights)[0]
+            headers = {
+                "Content-Type": shot.content_type,
+                "x-api-key": api_key if shot.key_ok else "wrong-key",
+            }
+            try:
+                response = session.post(
+                    f"{url}/predict", data=shot.body(number), headers=headers, timeout=15
+                )
+            except requests.RequestException as error:
+                session = requests.Session()  # the connection died with its worker
+                with lock:
+                    result.sent += 1
+                    result.connection_errors += 1
+                    result.unexpected.append(f"{shot.name}: {type(error).__name__}")
+                continue
+            with lock:
+                result.sent += 1
+                result.by_status[response.status_code] += 1
+                result.by_shot[shot.name] += 1
+                if response.status_code != shot.expected:
+                    result.unexpected.append(f"{shot.name}: {response.status_code}")
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        list(pool.map(worker, range(concurrency)))
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory of a process, from /proc."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise LookupError(f"no VmRSS for {pid}")
