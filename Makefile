@@ -46,6 +46,11 @@ test: system-deps lint
 soak: system-deps $(VENV)/.dev-installed
 	$(BIN)/python -m pytest tests/test_load.py --soak-seconds 120 -s -p no:cacheprovider
 
+## bench: benchmark the service as deployed; writes docs/benchmark.md and docs/benchmark.png
+BENCH_SECONDS ?= 8
+bench: system-deps $(VENV)/.dev-installed
+	$(BIN)/python -m tools.bench --seconds $(BENCH_SECONDS)
+
 ## model: retrain the CNN and rebuild the int8 model and its card in models/
 model: $(VENV)/.dev-installed
 	$(BIN)/python train_model.py

@@ -71,7 +71,9 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
         logger.add(_json_sink, level=level, diagnose=False, backtrace=False)
     else:
         logger.add(sys.stdout, level=level, format=TEXT_FORMAT, diagnose=False, colorize=None)
-    logging.basicConfig(handlers=[InterceptHandler()], level=0, force=True)
+    # The root level filters early: a DEBUG record from a library (Pillow logs every PNG
+    # chunk) must not be built and handed to loguru only to be dropped there.
+    logging.basicConfig(handlers=[InterceptHandler()], level=level, force=True)
     for name in ("werkzeug", "flask", "celery"):
         std = logging.getLogger(name)
         std.handlers = []

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the Debian packages the test suite drives, if they are missing:
-# Chromium (the page), redis-server (cache, broker), promtool (monitoring rules), openssl.
+# Chromium (the page), redis-server (cache, broker), promtool (monitoring rules), openssl,
+# wrk (the benchmark).
 # docker-compose (Debian's v1): `docker-compose config` checks docker-compose.yml, no engine needed.
 set -euo pipefail
 
@@ -9,6 +10,7 @@ command -v chromium >/dev/null 2>&1 || packages+=(chromium)
 command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
 command -v promtool >/dev/null 2>&1 || packages+=(prometheus)
 command -v openssl >/dev/null 2>&1 || packages+=(openssl)
+command -v wrk >/dev/null 2>&1 || packages+=(wrk)
 command -v docker-compose >/dev/null 2>&1 || packages+=(docker-compose)
 
 if [ ${#packages[@]} -eq 0 ]; then

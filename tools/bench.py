@@ -1,0 +1,472 @@
+"""`make bench`: measure the service as deployed and write docs/benchmark.md and .png.
+
+Starts a real redis-server and the Procfile's gunicorn (2 workers on this 2-core machine),
+drives it with wrk (a Lua script per scenario) at concurrency 1, 8 and 32, and reports
+requests/s, images/s, latency percentiles, errors, worker CPU per request, worker RSS, the
+time to ready, and the model and preprocessing alone. Everything runs on loopback and stops
+by itself. Numbers move with the machine's load: the file records what ran, and where.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from mnist_api.config import PROJECT_ROOT, Settings
+from mnist_api.model import DigitModel
+from mnist_api.preprocessing import preprocess
+from tools.load import rss_kib
+from tools.redis_server import RedisServer
+from tools.services import API_KEYS, free_port, start_web, stop
+
+LUA = PROJECT_ROOT / "tools" / "wrk" / "upload.lua"
+CONCURRENCIES = (1, 8, 32)
+BATCH = 32
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Scenario:
+    """One load shape: what wrk sends, and how many images one request carries."""
+
+    name: str
+    method: str
+    path: str
+    mode: str = "fixed"
+    content_type: str = ""
+    body: bytes = b""
+    images_per_request: int = 1
+    concurrencies: tuple[int, ...] = CONCURRENCIES
+
+
+@dataclass
+class Run:
+    """The result of one scenario at one concurrency."""
+
+    scenario: str
+    concurrency: int
+    requests: int
+    seconds: float
+    errors: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    cpu_ms_per_request: float
+    images_per_request: int
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.rps * self.images_per_request
+
+
+@dataclass
+class Report:
+    """Everything the benchmark measured."""
+
+    runs: list[Run] = field(default_factory=list)
+    ready_seconds: float = 0.0
+    rss_mb: dict[int, float] = field(default_factory=dict)
+    alone: dict[str, float] = field(default_factory=dict)
+
+
+def digit_png(size: int) -> bytes:
+    """A real MNIST-like digit (a drawn 7), as a PNG of `size` x `size`."""
+    image = Image.new("L", (280, 280), 255)
+    pixels = np.asarray(image).copy()
+    pixels[50:75, 60:220] = 0  # the bar of a 7
+    for row in range(75, 240):  # its stem, leaning left
+        column = int(220 - (row - 75) * 0.6)
+        pixels[row, column - 12 : column + 12] = 0
+    drawing = Image.fromarray(pixels).resize((size, size), Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    drawing.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def phone_jpeg() -> bytes:
+    """A 12-megapixel (4000x3000) RGB photo-like JPEG of the same digit on grey paper."""
+    ink = np.asarray(Image.open(io.BytesIO(digit_png(1400))), dtype=np.float32)
+    page = np.linspace(200, 240, 4000, dtype=np.float32)[np.newaxis, :].repeat(3000, axis=0)
+    page[800:2200, 1300:2700] *= ink / 255.0
+    photo = Image.fromarray(page.astype(np.uint8)).convert("RGB")
+    buffer = io.BytesIO()
+    photo.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def batch_body(png: bytes, count: int, boundary: str) -> bytes:
+    """A multipart body of `count` parts, each the PNG followed by a nonce marker."""
+    parts = []
+    for index in range(count):
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; '
+            f'filename="{index}.png"\r\nContent-Type: image/png\r\n\r\n'.encode()
+            + png
+            + b"@@NONCE@@\r\n"
+        )
+    return b"".join(parts) + f"--{boundary}--\r\n".encode()
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of processes, from /proc."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (in clock ticks)
+    return total / CLOCK_TICKS
+
+
+def wrk(
+    url: str, scenario: Scenario, concurrency: int, seconds: float, body_file: Path, run_id: str
+) -> dict[str, Any]:
+    """Run wrk once and return its JSON summary."""
+    threads = min(concurrency, 2)
+    command = [
+        "wrk",
+        "-t",
+        str(threads),
+        "-c",
+        str(concurrency),
+        "-d",
+        f"{max(1, round(seconds))}s",  # wrk takes whole seconds
+        "--timeout",
+        "10s",
+        "-s",
+        str(LUA),
+        url,
+        "--",
+        scenario.method,
+        scenario.path,
+        scenario.content_type,
+        scenario.mode,
+        API_KEYS[0] if scenario.method == "POST" else "",
+        str(body_file),
+        run_id,
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60, check=True)
+    line = next(x for x in done.stdout.splitlines() if x.startswith("WRK_JSON "))
+    summary: dict[str, Any] = json.loads(line.removeprefix("WRK_JSON "))
+    return summary
+
+
+def measure_alone(report: Report, images: dict[str, bytes]) -> None:
+    """The model and the preprocessing by themselves, in this process (CPU time)."""
+    settings = Settings()
+    model = DigitModel(settings.model_path, settings.model_card_path)
+    model.load()
+    field_ = preprocess(images["png28"])[np.newaxis]
+    batch = np.repeat(field_, BATCH, axis=0)
+    report.alone["inference_single_ms"] = _cpu_ms(lambda: model.predict(field_), 2000)
+    report.alone["inference_batch32_ms_per_image"] = (
+        _cpu_ms(lambda: model.predict(batch), 200) / BATCH
+    )
+    for name in ("png28", "png280", "jpeg12mp"):
+        report.alone[f"preprocess_{name}_ms"] = _cpu_ms(
+            lambda data=images[name]: preprocess(data), 20 if name == "jpeg12mp" else 500
+        )
+    report.alone["decode_png280_ms"] = _cpu_ms(
+        lambda: Image.open(io.BytesIO(images["png280"])).load(), 500
+    )
+    report.alone["decode_jpeg12mp_full_ms"] = _cpu_ms(
+        lambda: Image.open(io.BytesIO(images["jpeg12mp"])).load(), 5
+    )
+
+
+def _cpu_ms(work: Any, repeats: int) -> float:
+    """Median CPU milliseconds of `work()` over `repeats` calls (after one warm-up)."""
+    work()
+    samples = []
+    for _ in range(repeats):
+        started = time.process_time()
+        work()
+        samples.append((time.process_time() - started) * 1000.0)
+    return float(statistics.median(samples))
+
+
+def run_benchmark(seconds: float, tmp: Path) -> Report:
+    """Start everything, run every scenario, stop everything."""
+    report = Report()
+    images = {"png28": digit_png(28), "png280": digit_png(280), "jpeg12mp": phone_jpeg()}
+    measure_alone(report, images)
+    boundary = uuid.uuid4().hex
+    scenarios = [
+        Scenario("healthz (HTTP ceiling)", "GET", "/healthz", images_per_request=0),
+        Scenario("predict 28x28 miss", "POST", "/predict", "nonce", "image/png", images["png28"]),
+        Scenario("predict 28x28 hit", "POST", "/predict", "fixed", "image/png", images["png28"]),
+        Scenario(
+            "predict 280x280 miss", "POST", "/predict", "nonce", "image/png", images["png280"]
+        ),
+        Scenario("predict 280x280 hit", "POST", "/predict", "fixed", "image/png", images["png280"]),
+        Scenario(
+            "batch 32x 28x28 miss",
+            "POST",
+            "/predict/batch",
+            "batch",
+            f"multipart/form-data; boundary={boundary}",
+            batch_body(images["png28"], BATCH, boundary),
+            BATCH,
+        ),
+        Scenario(
+            "predict 12MP JPEG miss",
+            "POST",
+            "/predict",
+            "nonce",
+            "image/jpeg",
+            images["jpeg12mp"],
+            concurrencies=(1, 8),
+        ),
+    ]
+    redis = RedisServer(free_port(), tmp)
+    redis.start()
+    started = time.monotonic()
+    # As deployed (INFO logs: one JSON line per request), but no rate limit and no recycling.
+    server = start_web(
+        tmp, REDIS_URL=redis.url, WEB_CONCURRENCY="2", RATE_LIMIT="off", GUNICORN_MAX_REQUESTS="0"
+    )
+    report.ready_seconds = time.monotonic() - started
+    try:
+        pids = sorted(server.worker_pids_when(2))
+        run_id = uuid.uuid4().hex[:8]
+        for scenario in scenarios:
+            body_file = tmp / f"body-{len(report.runs)}.bin"
+            body_file.write_bytes(scenario.body)
+            for concurrency in scenario.concurrencies:
+                wrk(server.url, scenario, concurrency, 1.0, body_file, run_id + "w")  # warm-up
+                cpu_before = cpu_seconds(pids)
+                summary = wrk(server.url, scenario, concurrency, seconds, body_file, run_id)
+                cpu = cpu_seconds(pids) - cpu_before
+                requests_done = max(summary["requests"], 1)
+                errors = sum(summary[k] for k in ("connect", "read", "write", "status", "timeout"))
+                run = Run(
+                    scenario.name,
+                    concurrency,
+                    summary["requests"],
+                    summary["duration_us"] / 1e6,
+                    errors,
+                    summary["p50_us"] / 1000,
+                    summary["p90_us"] / 1000,
+                    summary["p99_us"] / 1000,
+                    cpu * 1000 / requests_done,
+                    scenario.images_per_request,
+                )
+                report.runs.append(run)
+                print(
+                    f"{run.scenario:<26} c={concurrency:<3} {run.rps:8.0f} req/s "
+                    f"p50 {run.p50_ms:6.2f} ms p99 {run.p99_ms:7.2f} ms "
+                    f"cpu {run.cpu_ms_per_request:6.2f} ms/req errors {errors}",
+                    flush=True,
+                )
+        report.rss_mb = {pid: rss_kib(pid) / 1024 for pid in pids}
+    finally:
+        stop(server.process)
+        redis.kill()
+    return report
+
+
+def find(report: Report, scenario: str, concurrency: int = 8) -> Run:
+    return next(r for r in report.runs if r.scenario == scenario and r.concurrency == concurrency)
+
+
+def targets(report: Report) -> list[tuple[str, str, bool]]:
+    """The issue's goals at concurrency 8: (goal, measured, met)."""
+    ceiling = find(report, "healthz (HTTP ceiling)")
+    miss28 = find(report, "predict 28x28 miss")
+    hit28 = find(report, "predict 28x28 hit")
+    miss280 = find(report, "predict 280x280 miss")
+    batch = find(report, "batch 32x 28x28 miss")
+    jpeg = find(report, "predict 12MP JPEG miss", 1)
+    decode_budget = report.alone["decode_png280_ms"] + 2.0
+    extra_280 = miss280.cpu_ms_per_request - miss28.cpu_ms_per_request
+    worst_rss = max(report.rss_mb.values())
+    return [
+        (
+            "28x28 miss >= 50% of /healthz req/s",
+            f"{miss28.rps / ceiling.rps:.0%}",
+            miss28.rps >= 0.5 * ceiling.rps,
+        ),
+        (
+            "28x28 hit >= 60% of /healthz req/s",
+            f"{hit28.rps / ceiling.rps:.0%}",
+            hit28.rps >= 0.6 * ceiling.rps,
+        ),
+        (
+            "280x280 miss: extra CPU over 28x28 <= its PNG decode + 2 ms",
+            f"{extra_280:.2f} ms vs {decode_budget:.2f} ms",
+            extra_280 <= decode_budget,
+        ),
+        (
+            "batch of 32 >= 3x the images/s of single misses",
+            f"{batch.images_per_second / miss28.images_per_second:.1f}x",
+            batch.images_per_second >= 3 * miss28.images_per_second,
+        ),
+        (
+            "12 MP phone JPEG preprocessing < 10 ms CPU",
+            f"{report.alone['preprocess_jpeg12mp_ms']:.1f} ms alone, "
+            f"{jpeg.cpu_ms_per_request:.1f} ms per request in the server",
+            report.alone["preprocess_jpeg12mp_ms"] < 10.0,
+        ),
+        ("RSS per worker < 120 MB", f"{worst_rss:.0f} MB", worst_rss < 120),
+        ("ready in < 2 s", f"{report.ready_seconds:.2f} s", report.ready_seconds < 2.0),
+    ]
+
+
+def machine() -> str:
+    """What this ran on."""
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    memory = int(Path("/proc/meminfo").read_text().split()[1]) / 1024 / 1024
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    return (
+        f"{os.cpu_count()} cores ({cpu}), {memory:.0f} GiB RAM, {platform.system()} "
+        f"{platform.release()}, Python {platform.python_version()}, commit {commit or '?'}"
+    )
+
+
+def write_markdown(report: Report, path: Path, seconds: float, command: str) -> None:
+    """docs/benchmark.md: the tables, the targets, the machine and the exact command."""
+    ceiling = {r.concurrency: r.rps for r in report.runs if r.scenario.startswith("healthz")}
+    miss = {r.concurrency: r.rps for r in report.runs if r.scenario == "predict 28x28 miss"}
+    lines = [
+        "# Benchmark",
+        "",
+        f"Run on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: {machine()}.",
+        "",
+        f"Command: `{command}` (each scenario {seconds:.0f} s per concurrency after a 1 s "
+        "warm-up; gunicorn from the Procfile with 2 workers x 4 threads, a real redis-server "
+        "for the cache, wrk with `tools/wrk/upload.lua` on the same 2 cores, so the load "
+        "generator takes CPU from the server too).",
+        "",
+        "![requests per second](benchmark.png)",
+        "",
+        "## Through HTTP",
+        "",
+        "| scenario | conc. | req/s | images/s | p50 ms | p90 ms | p99 ms | errors "
+        "| worker CPU ms/req "
+        "| ÷ /healthz | hit ÷ miss |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for run in report.runs:
+        ratio = run.rps / ceiling[run.concurrency] if ceiling.get(run.concurrency) else 0
+        hit_miss = ""
+        if run.scenario.endswith(" hit"):
+            twin = next(
+                r
+                for r in report.runs
+                if r.concurrency == run.concurrency
+                and r.scenario == run.scenario.replace(" hit", " miss")
+            )
+            hit_miss = f"{run.rps / twin.rps:.1f}x"
+        lines.append(
+            f"| {run.scenario} | {run.concurrency} | {run.rps:.0f} | "
+            f"{run.images_per_second:.0f} | {run.p50_ms:.2f} | {run.p90_ms:.2f} | "
+            f"{run.p99_ms:.2f} | {run.errors} | {run.cpu_ms_per_request:.2f} | {ratio:.0%} | "
+            f"{hit_miss} |"
+        )
+    lines += [
+        "",
+        "Miss ÷ ceiling (28x28, req/s): "
+        + ", ".join(f"c={c}: {miss[c] / ceiling[c]:.0%}" for c in CONCURRENCIES if c in miss)
+        + ".",
+        "",
+        "## Alone (CPU time, median, in one process)",
+        "",
+        "| what | ms |",
+        "|---|---:|",
+    ]
+    lines += [f"| {name.replace('_', ' ')} | {value:.3f} |" for name, value in report.alone.items()]
+    lines += [
+        "",
+        "Worker RSS at the end: "
+        + ", ".join(f"{mb:.0f} MB" for mb in report.rss_mb.values())
+        + f". Time from starting gunicorn to `/readyz` = 200: {report.ready_seconds:.2f} s.",
+        "",
+        "## Targets (concurrency 8)",
+        "",
+        "| goal | measured | met |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {goal} | {value} | {'yes' if ok else 'NO'} |" for goal, value, ok in targets(report)
+    ]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_chart(report: Report, path: Path) -> None:
+    """docs/benchmark.png: requests/s per scenario and concurrency."""
+    import matplotlib  # noqa: PLC0415 - only the benchmark draws charts
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    names = list(dict.fromkeys(run.scenario for run in report.runs))
+    figure, axis = plt.subplots(figsize=(11, 5))
+    width = 0.27
+    for offset, concurrency in enumerate(CONCURRENCIES):
+        values = [
+            next(
+                (r.rps for r in report.runs if r.scenario == n and r.concurrency == concurrency), 0
+            )
+            for n in names
+        ]
+        positions = [i + (offset - 1) * width for i in range(len(names))]
+        axis.bar(positions, values, width, label=f"concurrency {concurrency}")
+    axis.set_xticks(range(len(names)), names, rotation=20, ha="right")
+    axis.set_ylabel("requests / s")
+    axis.set_title("MNIST service on 2 cores: gunicorn 2 workers, Redis cache")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main() -> int:
+    """Command-line entry point (`make bench`)."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, default=8.0, help="per scenario and concurrency")
+    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "docs" / "benchmark.md")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        parser.error("wrk is not installed (make bench installs it with apt-get)")
+    with tempfile.TemporaryDirectory() as tmp:
+        report = run_benchmark(args.seconds, Path(tmp))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    command = "make bench" + (f" BENCH_SECONDS={args.seconds:g}" if args.seconds != 8.0 else "")
+    write_markdown(report, args.out, args.seconds, command)
+    write_chart(report, args.out.with_suffix(".png"))
+    sys.stdout.write(args.out.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
