@@ -156,10 +156,16 @@ def _decode_grey(image: Image.Image, scale: int) -> tuple[np.ndarray, np.ndarray
             if remaining > 1:
                 # Box-average whatever draft mode did not reduce (and non-JPEG images).
                 image = _reducible(image).reduce(remaining)
-            image = ImageOps.exif_transpose(image)
+            if _may_be_rotated(image):
+                image = ImageOps.exif_transpose(image)
             return _grey_and_alpha(image)
     except Exception as exc:  # truncated data and decoder faults are the client's file
         raise InvalidImage() from exc
+
+
+def _may_be_rotated(image: Image.Image) -> bool:
+    """True if the file carries EXIF or XMP metadata (where an orientation tag could be)."""
+    return any(key in image.info for key in ("exif", "xmp", "XML:com.adobe.xmp"))
 
 
 def _reducible(image: Image.Image) -> Image.Image:
@@ -236,9 +242,8 @@ def _to_mnist_field(digit: np.ndarray) -> np.ndarray:
     patch /= peak  # thin strokes scaled down from a big photo keep full intensity
 
     total = float(patch.sum())
-    ys, xs = np.indices(patch.shape)
-    centre_y = float((ys * patch).sum()) / total
-    centre_x = float((xs * patch).sum()) / total
+    centre_y = float(patch.sum(axis=1) @ np.arange(new_h, dtype=np.float32)) / total
+    centre_x = float(patch.sum(axis=0) @ np.arange(new_w, dtype=np.float32)) / total
     middle = (MNIST_SIZE - 1) / 2.0
     top = int(np.clip(round(middle - centre_y), 0, MNIST_SIZE - new_h))
     left = int(np.clip(round(middle - centre_x), 0, MNIST_SIZE - new_w))
