@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 from apiflask import Schema
 from apiflask.fields import Boolean, Dict, File, Float, Integer, List, Nested, String
 from apiflask.validators import Length, OneOf, Range
+from marshmallow import INCLUDE
 
 View = TypeVar("View", bound=Callable[..., Any])
 
@@ -32,11 +33,17 @@ def documents_upload(schema: type[Schema]) -> Callable[[View], View]:
 class Upload(Schema):
     """One image as multipart field `file` (a raw image body is documented beside it)."""
 
+    class Meta:
+        unknown = INCLUDE  # other form fields are ignored, not refused
+
     file = File(required=True, metadata={"description": "PNG, JPEG, GIF, WEBP or BMP image"})
 
 
 class BatchUpload(Schema):
     """Several images as repeated multipart fields `files`."""
+
+    class Meta:
+        unknown = INCLUDE  # other form fields are ignored, not refused
 
     files = List(File(), required=True, metadata={"description": "one part per image"})
 

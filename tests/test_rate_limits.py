@@ -97,11 +97,17 @@ def test_two_workers_share_one_count(redis_server: RedisServer, tmp_path: Path) 
             ).status_code
 
         # All at once: with one thread per worker, a busy worker leaves the next to the other.
-        with ThreadPoolExecutor(max_workers=16) as pool:
-            statuses = list(pool.map(post, range(40)))
-        assert statuses.count(200) == 20 and statuses.count(429) == 20, statuses
-        served_by = {r["pid"] for r in server.records() if r.get("route") == "/predict"}
-        assert len(served_by) == 2  # both workers answered, and still one budget
+        statuses: list[int] = []
+        served_by: set[int] = set()
+        for _ in range(10):  # rounds until both workers have answered (the kernel picks)
+            with ThreadPoolExecutor(max_workers=16) as pool:
+                statuses += pool.map(post, range(40))
+            served_by = {r["pid"] for r in server.records() if r.get("route") == "/predict"}
+            if len(served_by) == 2:
+                break
+        assert len(served_by) == 2  # both workers answered ...
+        assert statuses.count(200) == 20, statuses  # ... and still one budget between them
+        assert statuses.count(429) == len(statuses) - 20
         redis_server.kill()  # the limiter's store goes away: requests are still served
         after = requests.post(
             f"{server.url}/predict",
