@@ -146,7 +146,9 @@ def test_exif_rotation_is_applied() -> None:
     assert similarity(upright, sideways) < 0.5  # the check would notice a missed rotation
 
 
-def test_big_jpeg_is_decoded_in_draft_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def decoded_sizes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """The size of every image the preprocessing actually decoded, in order."""
     seen: list[tuple[int, int]] = []
     original = preprocessing._grey_and_alpha
 
@@ -155,22 +157,20 @@ def test_big_jpeg_is_decoded_in_draft_mode(monkeypatch: pytest.MonkeyPatch) -> N
         return original(image)
 
     monkeypatch.setattr(preprocessing, "_grey_and_alpha", spy)
+    return seen
+
+
+def test_big_jpeg_is_decoded_in_draft_mode(decoded_sizes: list[tuple[int, int]]) -> None:
     preprocess(phone_photo_12mp())
-    assert seen == [(500, 375)]  # 1/8 scale: never the 12-megapixel full decode
+    assert decoded_sizes == [(500, 375)]  # 1/8 scale: never the 12-megapixel full decode
 
 
-def test_small_digit_in_big_photo_is_decoded_again_finer(monkeypatch: pytest.MonkeyPatch) -> None:
-    seen: list[tuple[int, int]] = []
-    original = preprocessing._grey_and_alpha
-
-    def spy(image: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
-        seen.append(image.size)
-        return original(image)
-
-    monkeypatch.setattr(preprocessing, "_grey_and_alpha", spy)
+def test_small_digit_in_big_photo_is_decoded_again_finer(
+    decoded_sizes: list[tuple[int, int]],
+) -> None:
     preprocess(small_digit_in_big_photo())
-    assert seen[0] == (500, 375)
-    assert len(seen) == 2 and seen[1][0] > 500
+    assert decoded_sizes[0] == (500, 375)
+    assert len(decoded_sizes) == 2 and decoded_sizes[1][0] > 500
 
 
 @pytest.mark.parametrize("colour", [0, 128, 255])
