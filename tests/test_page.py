@@ -89,7 +89,7 @@ def test_drawn_seven_is_predicted(page: Page, live_server) -> None:
     predict(page, live_server.api_key)
 
     expect(page.locator("#result-digit")).to_have_text("7", timeout=PREDICT_TIMEOUT_MS)
-    expect(page.locator("#result-probability")).to_have_text(re.compile(r"^\d{1,3}\.\d%$"))
+    expect(page.locator("#result-probability")).to_have_text(re.compile(r"^[<>]?\d{1,3}\.\d%$"))
     expect(page.locator("#chart .bar")).to_have_count(10)
     expect(page.locator("#chart .bar.is-predicted .bar-label")).to_have_text("7")
     expect(page.locator("#error")).to_be_hidden()

@@ -215,7 +215,12 @@
     return `The service answered with an unexpected error (HTTP ${response.status}). Try again in a moment.`;
   }
 
-  const percent = (p) => `${(p * 100).toFixed(1)}%`;
+  // One decimal, but never round a near-certain answer up to "100.0%" or a tiny one to "0.0%".
+  function percent(p) {
+    if (p > 0.999 && p < 1) return ">99.9%";
+    if (p > 0 && p < 0.001) return "<0.1%";
+    return `${(p * 100).toFixed(1)}%`;
+  }
 
   function renderChart(probabilities, predicted) {
     chart.replaceChildren(
