@@ -5,6 +5,12 @@ drives it with wrk (a Lua script per scenario) at concurrency 1, 8 and 32, and r
 requests/s, images/s, latency percentiles, errors, worker CPU per request, worker RSS, the
 time to ready, and the model and preprocessing alone. Everything runs on loopback and stops
 by itself. Numbers move with the machine's load: the file records what ran, and where.
+
+Two things make single runs unreliable on a shared 2-core VM, so a measurement is repeated
+(at most `MAX_ATTEMPTS` times) and the best clean attempt kept, with its attempts counted:
+the hypervisor stealing CPU (`steal` in /proc/stat), and gunicorn's workers sharing one
+listening socket, which lets one worker accept all of wrk's connections (opened at once and
+then kept alive) while the other idles.
 """
 
 from __future__ import annotations
@@ -39,6 +45,9 @@ LUA = PROJECT_ROOT / "tools" / "wrk" / "upload.lua"
 CONCURRENCIES = (1, 8, 32)
 BATCH = 32
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+MAX_ATTEMPTS = 4
+MAX_STEAL = 0.03  # more of the machine's CPU taken by the hypervisor than this: run again
+MIN_WORKER_SHARE = 0.2  # a worker doing less of the work than this: connections were lopsided
 
 
 @dataclass
@@ -69,6 +78,9 @@ class Run:
     p99_ms: float
     cpu_ms_per_request: float
     images_per_request: int
+    steal: float = 0.0
+    attempts: int = 1
+    lopsided: bool = False
 
     @property
     def rps(self) -> float:
@@ -127,13 +139,19 @@ def batch_body(png: bytes, count: int, boundary: str) -> bytes:
     return b"".join(parts) + f"--{boundary}--\r\n".encode()
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU time of processes, from /proc."""
-    total = 0
+def cpu_ticks(pids: list[int]) -> list[int]:
+    """User + system CPU ticks of each process, from /proc."""
+    ticks = []
     for pid in pids:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime (in clock ticks)
-    return total / CLOCK_TICKS
+        ticks.append(int(fields[11]) + int(fields[12]))  # utime, stime
+    return ticks
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(steal, total) CPU ticks of the whole machine so far, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return fields[7], sum(fields[:8])  # user nice system idle iowait irq softirq steal
 
 
 def wrk(
@@ -251,29 +269,13 @@ def run_benchmark(seconds: float, tmp: Path) -> Report:
             body_file = tmp / f"body-{len(report.runs)}.bin"
             body_file.write_bytes(scenario.body)
             for concurrency in scenario.concurrencies:
-                wrk(server.url, scenario, concurrency, 1.0, body_file, run_id + "w")  # warm-up
-                cpu_before = cpu_seconds(pids)
-                summary = wrk(server.url, scenario, concurrency, seconds, body_file, run_id)
-                cpu = cpu_seconds(pids) - cpu_before
-                requests_done = max(summary["requests"], 1)
-                errors = sum(summary[k] for k in ("connect", "read", "write", "status", "timeout"))
-                run = Run(
-                    scenario.name,
-                    concurrency,
-                    summary["requests"],
-                    summary["duration_us"] / 1e6,
-                    errors,
-                    summary["p50_us"] / 1000,
-                    summary["p90_us"] / 1000,
-                    summary["p99_us"] / 1000,
-                    cpu * 1000 / requests_done,
-                    scenario.images_per_request,
-                )
+                run = measure(server.url, scenario, concurrency, seconds, body_file, pids, run_id)
                 report.runs.append(run)
                 print(
                     f"{run.scenario:<26} c={concurrency:<3} {run.rps:8.0f} req/s "
                     f"p50 {run.p50_ms:6.2f} ms p99 {run.p99_ms:7.2f} ms "
-                    f"cpu {run.cpu_ms_per_request:6.2f} ms/req errors {errors}",
+                    f"cpu {run.cpu_ms_per_request:6.2f} ms/req errors {run.errors} "
+                    f"steal {run.steal:.0%} attempts {run.attempts}",
                     flush=True,
                 )
         report.rss_mb = {pid: rss_kib(pid) / 1024 for pid in pids}
@@ -281,6 +283,54 @@ def run_benchmark(seconds: float, tmp: Path) -> Report:
         stop(server.process)
         redis.kill()
     return report
+
+
+def measure(
+    url: str,
+    scenario: Scenario,
+    concurrency: int,
+    seconds: float,
+    body_file: Path,
+    pids: list[int],
+    run_id: str,
+) -> Run:
+    """One scenario at one concurrency, repeated while the host steals CPU or one worker idles.
+
+    Keeps the best attempt: balanced over the workers first, then the least stolen CPU.
+    """
+    attempts: list[Run] = []
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        wrk(url, scenario, concurrency, 1.0, body_file, run_id + "w")  # warm-up, new connections
+        ticks_before, machine_before = cpu_ticks(pids), machine_ticks()
+        summary = wrk(url, scenario, concurrency, seconds, body_file, run_id)
+        ticks_after = cpu_ticks(pids)
+        ticks = [after - before for after, before in zip(ticks_after, ticks_before, strict=True)]
+        steal_after, total_after = machine_ticks()
+        steal = (steal_after - machine_before[0]) / max(1, total_after - machine_before[1])
+        # One connection can only ever use one worker; from two on, both should be busy.
+        lopsided = concurrency >= len(pids) and min(ticks) < MIN_WORKER_SHARE * sum(ticks)
+        errors = sum(summary[k] for k in ("connect", "read", "write", "status", "timeout"))
+        run = Run(
+            scenario.name,
+            concurrency,
+            summary["requests"],
+            summary["duration_us"] / 1e6,
+            errors,
+            summary["p50_us"] / 1000,
+            summary["p90_us"] / 1000,
+            summary["p99_us"] / 1000,
+            sum(ticks) / CLOCK_TICKS * 1000 / max(summary["requests"], 1),
+            scenario.images_per_request,
+            steal,
+            attempt,
+            lopsided,
+        )
+        attempts.append(run)
+        if steal <= MAX_STEAL and not lopsided:
+            break
+    best = min(attempts, key=lambda r: (r.lopsided, r.steal))
+    best.attempts = len(attempts)
+    return best
 
 
 def find(report: Report, scenario: str, concurrency: int = 8) -> Run:
@@ -368,14 +418,20 @@ def write_markdown(report: Report, path: Path, seconds: float, command: str) -> 
         "for the cache, wrk with `tools/wrk/upload.lua` on the same 2 cores, so the load "
         "generator takes CPU from the server too).",
         "",
+        f"`steal` is the share of the machine's CPU the hypervisor took during the measurement. "
+        f"A measurement is repeated (at most {MAX_ATTEMPTS} attempts) when steal exceeds "
+        f"{MAX_STEAL:.0%} or when one worker did less than {MIN_WORKER_SHARE:.0%} of the work "
+        "(wrk opens its connections at once and keeps them alive, and gunicorn's workers share "
+        "one listening socket, so one worker can accept them all); the best attempt is kept.",
+        "",
         "![requests per second](benchmark.png)",
         "",
         "## Through HTTP",
         "",
         "| scenario | conc. | req/s | images/s | p50 ms | p90 ms | p99 ms | errors "
         "| worker CPU ms/req "
-        "| ÷ /healthz | hit ÷ miss |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| ÷ /healthz | hit ÷ miss | steal | attempts |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for run in report.runs:
         ratio = run.rps / ceiling[run.concurrency] if ceiling.get(run.concurrency) else 0
@@ -388,11 +444,12 @@ def write_markdown(report: Report, path: Path, seconds: float, command: str) -> 
                 and r.scenario == run.scenario.replace(" hit", " miss")
             )
             hit_miss = f"{run.rps / twin.rps:.1f}x"
+        lopsided = " (one worker idle)" if run.lopsided else ""
         lines.append(
             f"| {run.scenario} | {run.concurrency} | {run.rps:.0f} | "
             f"{run.images_per_second:.0f} | {run.p50_ms:.2f} | {run.p90_ms:.2f} | "
             f"{run.p99_ms:.2f} | {run.errors} | {run.cpu_ms_per_request:.2f} | {ratio:.0%} | "
-            f"{hit_miss} |"
+            f"{hit_miss} | {run.steal:.0%} | {run.attempts}{lopsided} |"
         )
     lines += [
         "",
