@@ -20,6 +20,14 @@ workers = _settings.web_concurrency
 # Threads let a worker overlap slow uploads; each thread gets its own LiteRT interpreter.
 worker_class = "gthread"
 threads = _settings.threads
+# A gthread worker accepts connections even with every thread busy, and keeps them alive, so
+# one worker could take all of a client's (or the router's) persistent connections while the
+# others idle: measured here, wrk's 8 or 32 connections often all landed on one of two
+# workers, halving throughput. Capping a worker's connections a little above its threads
+# keeps the rest in the kernel's queue, from which whichever worker is free takes them; a
+# worker at the cap answers with "Connection: close". (SO_REUSEPORT balances too, but every
+# worker recycle then resets the connections queued on that worker's own socket.)
+worker_connections = threads + 2
 # Heroku's router gives up after 30 s: answer (or fail) before it does.
 timeout = _settings.timeout
 graceful_timeout = 20

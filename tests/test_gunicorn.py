@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import http.client
+import os
+import selectors
+import signal
+import socket
 import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from urllib.parse import SplitResult, urlsplit
 
 import requests
 
 from tests.samples import as_paper, encode, sample
-from tools.services import LiveServer
+from tools.services import LiveServer, start_web, stop
 
 
 def test_predicts_over_http(live_server: LiveServer) -> None:
@@ -57,3 +66,59 @@ def test_request_log_lines_are_json(live_server: LiveServer) -> None:
     lines = [r for r in live_server.records() if r.get("request_id") == "log-check"]
     assert lines and lines[-1]["route"] == "/healthz" and lines[-1]["status"] == 200
     assert live_server.api_key not in live_server.log()
+
+
+def test_a_worker_takes_at_most_threads_plus_two_connections(tmp_path: Path) -> None:
+    # A gthread worker would otherwise accept every connection it sees, busy or not, and a
+    # client's keep-alive connections opened at once (wrk, a proxy's pool) could all stick to
+    # one worker. Freeze one worker, open ten connections: the other takes only six (4 threads
+    # + 2), and the frozen one gets the rest when it wakes up.
+    server = start_web(tmp_path, WEB_CONCURRENCY="2", GUNICORN_THREADS="4")
+    try:
+        awake, frozen = sorted(server.worker_pids_when(2))
+        address = urlsplit(server.url)
+        ids = [f"cap-{uuid.uuid4().hex[:8]}-{n}" for n in range(10)]
+        os.kill(frozen, signal.SIGSTOP)
+        try:
+            sockets = connect_at_once(address, len(ids))
+            time.sleep(0.5)  # the awake worker accepts what it is allowed to
+        finally:
+            os.kill(frozen, signal.SIGCONT)
+        connections = []
+        for sock in sockets:
+            connection = http.client.HTTPConnection(address.hostname, address.port, timeout=10)
+            connection.sock = sock
+            connections.append(connection)
+        try:
+            for connection, request_id in zip(connections, ids, strict=True):
+                connection.request("GET", "/healthz", headers={"X-Request-ID": request_id})
+                assert connection.getresponse().status == 200
+        finally:
+            for connection in connections:
+                connection.close()
+        time.sleep(0.3)  # the log lines are written after the responses
+        answered_by = Counter(r["pid"] for r in server.records() if r.get("request_id") in ids)
+    finally:
+        stop(server.process)
+    assert answered_by == {awake: 6, frozen: 4}
+
+
+def connect_at_once(address: SplitResult, count: int) -> list[socket.socket]:
+    """Open `count` TCP connections at the same moment (non-blocking), as a load tool does."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    with selectors.DefaultSelector() as selector:
+        for sock in sockets:
+            sock.setblocking(False)
+            sock.connect_ex((address.hostname or "127.0.0.1", address.port or 80))
+            selector.register(sock, selectors.EVENT_WRITE)
+        pending = set(sockets)
+        deadline = time.monotonic() + 10
+        while pending and time.monotonic() < deadline:
+            for key, _ in selector.select(timeout=1):
+                pending.discard(key.fileobj)  # type: ignore[arg-type]
+                selector.unregister(key.fileobj)
+    assert not pending, "connections did not complete"
+    for sock in sockets:
+        sock.setblocking(True)
+        sock.settimeout(10)
+    return sockets

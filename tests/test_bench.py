@@ -1,0 +1,69 @@
+"""`make bench` cannot rot: the benchmark runs end to end in a short form and writes its files."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mnist_api.config import PROJECT_ROOT
+from tools.bench import Scenario, digit_png, wrk
+from tools.services import start_web, stop, venv_env
+
+BENCH_ARGS = ("--seconds", "1", "--max-attempts", "1")
+needs_wrk = pytest.mark.skipif(shutil.which("wrk") is None, reason="make test installs wrk")
+
+
+@needs_wrk
+def test_short_benchmark_writes_its_table_and_chart(tmp_path: Path) -> None:
+    out = tmp_path / "benchmark.md"
+    done = subprocess.run(
+        [sys.executable, "-m", "tools.bench", *BENCH_ARGS, "--out", str(out)],
+        cwd=PROJECT_ROOT,
+        env=venv_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = out.read_text()
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    assert "## Targets (concurrency 8)" in text and "ready in < 2 s" in text
+    http_table = text.split("## Through HTTP", 1)[1].split("\n## ", 1)[0]
+    rows = [
+        line for line in http_table.splitlines() if re.match(r"\| (healthz|predict|batch)", line)
+    ]
+    assert len(rows) == 20  # 6 scenarios at 3 concurrencies, the phone JPEG at 2
+    errors_column = 8
+    assert all(row.split("|")[errors_column].strip() == "0" for row in rows), rows
+
+
+@needs_wrk
+def test_miss_scenarios_really_miss_the_cache(tmp_path: Path) -> None:
+    # A run reusing an earlier run's nonces would silently measure cache hits as misses.
+    server = start_web(tmp_path, WEB_CONCURRENCY="1")  # one worker: one cache sees everything
+    try:
+        body = tmp_path / "digit.png"
+        body.write_bytes(digit_png(28))
+        miss = Scenario("miss", "POST", "/predict", "nonce", "image/png", body.read_bytes())
+        hit = Scenario("hit", "POST", "/predict", "fixed", "image/png", body.read_bytes())
+        for scenario in (miss, miss):
+            assert wrk(server.url, scenario, 2, 1.0, body)["requests"] > 0
+        after_misses = caches(server.records())
+        assert wrk(server.url, hit, 2, 1.0, body)["requests"] > 0
+        after_hits = caches(server.records())[len(after_misses) :]
+    finally:
+        stop(server.process)
+    assert after_misses and set(after_misses) == {"MISS"}
+    # The field is real: the fixed bytes miss at first (once per connection at most), then hit.
+    assert after_hits.count("MISS") <= 2 and after_hits.count("HIT") > 10
+
+
+def caches(records: list[dict[str, object]]) -> list[object]:
+    """The cache result of every /predict request in the server's log, in order."""
+    return [r["cache"] for r in records if r.get("route") == "/predict"]
