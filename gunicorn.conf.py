@@ -20,18 +20,20 @@ workers = _settings.web_concurrency
 # Threads let a worker overlap slow uploads; each thread gets its own LiteRT interpreter.
 worker_class = "gthread"
 threads = _settings.threads
-# A gthread worker accepts connections even with every thread busy, and keeps them alive, so
-# one worker could take all of a client's (or the router's) persistent connections while the
-# others idle: measured here, wrk's 8 or 32 connections often all landed on one of two
-# workers, halving throughput. Capping a worker's connections a little above its threads
-# keeps the rest in the kernel's queue, from which whichever worker is free takes them; a
-# worker at the cap answers with "Connection: close". (SO_REUSEPORT balances too, but every
-# worker recycle then resets the connections queued on that worker's own socket.)
-worker_connections = threads + 2
+# One fair queue in front of all workers: the kernel's accept queue. A gthread worker accepts
+# connections even with every thread busy and keeps them alive, so a client's (or a proxy's)
+# persistent connections could all stick to one worker while the others idle: measured here,
+# wrk's 8 or 32 connections often all landed on one of two workers, halving throughput. So a
+# worker takes only as many connections as it has threads and answers "Connection: close";
+# the next connection goes to whichever worker is free. Measured alternatives: a cap a little
+# above the threads kept keep-alive but starved queued connections (p99 2 s at 32 clients);
+# SO_REUSEPORT balances too, but every worker recycle resets the connections queued on that
+# worker's own socket. The price is a TCP accept per request (~0.3 ms of worker CPU).
+worker_connections = threads
 # Heroku's router gives up after 30 s: answer (or fail) before it does.
 timeout = _settings.timeout
 graceful_timeout = 20
-keepalive = 5
+keepalive = 0  # see worker_connections above
 # Recycle workers now and then so slow leaks cannot grow without bound; jitter staggers them.
 max_requests = _settings.max_requests  # 0 turns recycling off (the soak test does)
 max_requests_jitter = _settings.max_requests // 10

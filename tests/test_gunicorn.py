@@ -68,11 +68,12 @@ def test_request_log_lines_are_json(live_server: LiveServer) -> None:
     assert live_server.api_key not in live_server.log()
 
 
-def test_a_worker_takes_at_most_threads_plus_two_connections(tmp_path: Path) -> None:
+def test_a_busy_worker_leaves_connections_to_the_others(tmp_path: Path) -> None:
     # A gthread worker would otherwise accept every connection it sees, busy or not, and a
-    # client's keep-alive connections opened at once (wrk, a proxy's pool) could all stick to
-    # one worker. Freeze one worker, open ten connections: the other takes only six (4 threads
-    # + 2), and the frozen one gets the rest when it wakes up.
+    # client's connections opened at once (wrk, a proxy's pool) could all stick to one worker.
+    # Freeze one worker and open ten connections: the awake one takes only its four threads'
+    # worth, the frozen one gets the next four when it wakes, and the last two go to whichever
+    # frees a slot first (the awake one, which closes each connection after its answer).
     server = start_web(tmp_path, WEB_CONCURRENCY="2", GUNICORN_THREADS="4")
     try:
         awake, frozen = sorted(server.worker_pids_when(2))
@@ -84,6 +85,7 @@ def test_a_worker_takes_at_most_threads_plus_two_connections(tmp_path: Path) -> 
             time.sleep(0.5)  # the awake worker accepts what it is allowed to
         finally:
             os.kill(frozen, signal.SIGCONT)
+        time.sleep(0.5)  # and the other one, now awake, too
         connections = []
         for sock in sockets:
             connection = http.client.HTTPConnection(address.hostname, address.port, timeout=10)
@@ -92,7 +94,9 @@ def test_a_worker_takes_at_most_threads_plus_two_connections(tmp_path: Path) -> 
         try:
             for connection, request_id in zip(connections, ids, strict=True):
                 connection.request("GET", "/healthz", headers={"X-Request-ID": request_id})
-                assert connection.getresponse().status == 200
+                response = connection.getresponse()
+                assert response.status == 200
+                assert response.headers["Connection"] == "close"
         finally:
             for connection in connections:
                 connection.close()
