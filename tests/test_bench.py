@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -54,8 +55,10 @@ def test_miss_scenarios_really_miss_the_cache(tmp_path: Path) -> None:
         hit = Scenario("hit", "POST", "/predict", "fixed", "image/png", body.read_bytes())
         for scenario in (miss, miss):
             assert wrk(server.url, scenario, 2, 1.0, body)["requests"] > 0
+        time.sleep(0.5)  # requests in flight when wrk stopped are logged after it
         after_misses = caches(server.records())
         assert wrk(server.url, hit, 2, 1.0, body)["requests"] > 0
+        time.sleep(0.5)
         after_hits = caches(server.records())[len(after_misses) :]
     finally:
         stop(server.process)
