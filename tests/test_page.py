@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,6 +70,31 @@ def draw_seven(page: Page) -> None:
     page.mouse.up()
 
 
+def draw_seven_by_touch(page: Page) -> None:
+    """Draw the same "7" with a finger: real touch events sent through Chromium's DevTools.
+
+    Playwright's own touchscreen can only tap; a stroke needs touchStart, touchMoves, touchEnd.
+    """
+    box = page.locator("#canvas").bounding_box()
+    assert box is not None
+    x, y, w, h = box["x"], box["y"], box["width"], box["height"]
+    corners = [(0.25, 0.2), (0.75, 0.2), (0.6, 0.5), (0.42, 0.82)]
+    points = [corners[0]]
+    for (x0, y0), (x1, y1) in itertools.pairwise(corners):
+        points += [(x0 + (x1 - x0) * i / 8, y0 + (y1 - y0) * i / 8) for i in range(1, 9)]
+    session = page.context.new_cdp_session(page)
+
+    def touch(kind: str, point: tuple[float, float] | None) -> None:
+        touches = [] if point is None else [{"x": x + point[0] * w, "y": y + point[1] * h}]
+        session.send("Input.dispatchTouchEvent", {"type": kind, "touchPoints": touches})
+
+    touch("touchStart", points[0])
+    for point in points[1:]:
+        touch("touchMove", point)
+    touch("touchEnd", None)
+    session.detach()
+
+
 def seven_png() -> bytes:
     """A black-on-white "7" as an uploaded photo would be, larger than the canvas."""
     image = Image.new("RGB", (400, 400), "white")
@@ -94,6 +120,26 @@ def test_drawn_seven_is_predicted(page: Page, live_server) -> None:
     expect(page.locator("#chart .bar.is-predicted .bar-label")).to_have_text("7")
     expect(page.locator("#error")).to_be_hidden()
     expect(page.locator("#predict-button")).to_be_enabled()
+
+
+def test_seven_drawn_with_a_finger_is_predicted(browser: Browser, live_server) -> None:
+    """A phone: a touch screen, and the stroke drawn with touch events, not the mouse."""
+    context = browser.new_context(
+        viewport={"width": 400, "height": 800}, has_touch=True, is_mobile=True
+    )
+    context.set_default_timeout(TIMEOUT_MS)
+    try:
+        page = context.new_page()
+        js_errors: list[str] = []
+        page.on("pageerror", lambda exc: js_errors.append(str(exc)))
+        page.goto(live_server.url + "/")
+        draw_seven_by_touch(page)
+        predict(page, live_server.api_key)
+        expect(page.locator("#result-digit")).to_have_text("7", timeout=PREDICT_TIMEOUT_MS)
+        assert page.evaluate("window.scrollY") == 0, "the stroke scrolled the page"
+        assert not js_errors, f"uncaught JavaScript errors: {js_errors}"
+    finally:
+        context.close()
 
 
 def test_uploaded_file_is_predicted(page: Page, live_server) -> None:
