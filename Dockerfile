@@ -24,9 +24,11 @@ COPY requirements.txt ./
 RUN pip install --no-cache-dir -r requirements.txt
 
 # Only what the service runs: the WSGI and Celery entry points, gunicorn's settings, the
-# package (with its page and templates) and the int8 model with its card.
+# package, the page (templates/, static/) and the int8 models with their cards.
 COPY api.py gunicorn.conf.py make_celery.py ./
 COPY mnist_api/ ./mnist_api/
+COPY templates/ ./templates/
+COPY static/ ./static/
 COPY models/ ./models/
 
 # Byte-compile the package once, then run the Heroku release check at build time: the build

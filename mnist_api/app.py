@@ -10,24 +10,24 @@ from loguru import logger
 
 from mnist_api import error_handlers, extensions, metrics, rate_limits, request_context, schemas
 from mnist_api.cache import CacheHooks, build_cache
-from mnist_api.config import Settings
+from mnist_api.config import PROJECT_ROOT, Settings
 from mnist_api.job_store import build_job_store
 from mnist_api.jobs import JobService
 from mnist_api.logs import configure_logging
-from mnist_api.model import DigitModel
 from mnist_api.preprocessing import ALLOWED_CONTENT_TYPES, Limits
+from mnist_api.registry import ModelRegistry
 from mnist_api.routes import api, ops, web
-from mnist_api.service import PredictionService
+from mnist_api.service import PredictionService, SingleRouter
 from mnist_api.tasks import celery_init_app
 
 API_VERSION = "1.0.0"
 
 
 def create_app(settings: Settings | None = None, *, load_model: bool = True) -> APIFlask:
-    """Build the app from `settings` (default: the environment) and load the model.
+    """Build the app from `settings` (default: the environment) and load every model version.
 
     Under gunicorn this runs in each worker after the fork (the app is not preloaded), so
-    every worker process loads its own interpreter. `load_model=False` leaves the model
+    every worker process loads its own interpreters. `load_model=False` leaves the models
     unloaded, which tests use to see the not-ready state.
     """
     settings = settings or Settings.from_env()
@@ -36,6 +36,9 @@ def create_app(settings: Settings | None = None, *, load_model: bool = True) -> 
 
     app = APIFlask(
         __name__,
+        # The page lives at the top of the repository, next to the package.
+        template_folder=str(PROJECT_ROOT / "templates"),
+        static_folder=str(PROJECT_ROOT / "static"),
         title="MNIST digit prediction API",
         version=API_VERSION,
         spec_path="/openapi.json",
@@ -45,16 +48,17 @@ def create_app(settings: Settings | None = None, *, load_model: bool = True) -> 
     app.json.sort_keys = False  # type: ignore[attr-defined]  # clients read keys in order
     app.extensions[extensions.SETTINGS] = settings
 
-    model = DigitModel(settings.model_path, settings.model_card_path)
-    app.extensions[extensions.MODEL] = model
+    registry = ModelRegistry.discover(settings.models_dir)
+    app.extensions[extensions.REGISTRY] = registry
     cache = build_cache(
         settings, CacheHooks(metrics.record_cache_lookups, metrics.set_cache_degraded)
     )
     app.extensions[extensions.CACHE] = cache
     service = app.extensions[extensions.SERVICE] = PredictionService(
-        model,
+        registry,
         Limits(max_pixels=settings.max_image_pixels),
         cache,
+        SingleRouter(registry.default_version(settings.default_model_version)),
         low_confidence_threshold=settings.low_confidence_threshold,
     )
 
@@ -67,7 +71,7 @@ def create_app(settings: Settings | None = None, *, load_model: bool = True) -> 
         app,
         origins=list(settings.cors_origins),
         allow_headers=["x-api-key", "Content-Type", "X-Request-ID"],
-        expose_headers=["X-Request-ID", "X-Cache", "Retry-After", "Location"],
+        expose_headers=["X-Request-ID", "X-Cache", "X-Model-Version", "Retry-After", "Location"],
         max_age=600,
     )
     request_context.init_app(app)
@@ -84,12 +88,18 @@ def create_app(settings: Settings | None = None, *, load_model: bool = True) -> 
     app.spec_processor(_document_raw_uploads)
 
     if load_model:
-        model.load()
+        registry.load()
         service.warm_up()
-        if model.card_mismatch():
-            logger.warning("model card does not describe the loaded model file")
-        metrics.set_model_version(model.full_version)
-        logger.info("model {} loaded and warmed up", model.full_version)
+        for model in registry:
+            if model.card_mismatch():
+                logger.warning("model card of {} does not describe its file", model.version)
+        metrics.set_model_version(service.model_version)
+        logger.info(
+            "model {} loaded and warmed up ({} installed: {})",
+            service.model_version,
+            len(registry.versions()),
+            ", ".join(registry.versions()),
+        )
     return app
 
 

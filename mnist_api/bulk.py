@@ -25,8 +25,6 @@ from mnist_api.config import Settings
 from mnist_api.errors import PayloadTooLarge, ServiceError
 from mnist_api.job_store import build_job_store
 from mnist_api.logs import configure_logging
-from mnist_api.model import DigitModel
-from mnist_api.preprocessing import Limits
 from mnist_api.service import PredictionService
 from mnist_api.tasks import PREDICT_UPLOADS, celery_config
 
@@ -103,14 +101,7 @@ def score_locally(
     settings: Settings, items: Iterator[Item], size: int, progress: tqdm[Any]
 ) -> Iterator[dict[str, Any]]:
     """Score in this process: one model call per chunk, through the same cache."""
-    model = DigitModel(settings.model_path, settings.model_card_path)
-    model.load()
-    service = PredictionService(
-        model,
-        Limits(settings.max_image_pixels),
-        build_cache(settings),
-        settings.low_confidence_threshold,
-    )
+    service = PredictionService.from_settings(settings, build_cache(settings))
     for chunk in chunks(items, size):
         readable = [item.data for item in chunk if item.data is not None]
         answers = iter(service.predict_many(readable))

@@ -38,9 +38,14 @@ class CacheHooks:
     degraded: Callable[[bool], None] = _ignore  # True when an outage starts, False when over
 
 
-def cache_key(model_version: str, sha256: str) -> str:
-    """The contract's cache key."""
-    return f"pred:{model_version}:{sha256}"
+def cache_key(model_version: str, sha256: str, preprocessing: str = "") -> str:
+    """`pred:<model version>:<sha256>`, the contract's key, with the preprocessing version.
+
+    The preprocessing version sits inside the version part (`<model>+p<hash>`), so answers
+    computed by older preprocessing code are never served after a deploy that changed it.
+    """
+    version = f"{model_version}+p{preprocessing}" if preprocessing else model_version
+    return f"pred:{version}:{sha256}"
 
 
 class PredictionCache(Protocol):

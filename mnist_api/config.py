@@ -69,13 +69,21 @@ def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in env.get(name, "").split(",") if item.strip())
 
 
+def _has_model_version(models_dir: Path) -> bool:
+    """A cheap look (no model import here: gunicorn's master reads this module)."""
+    return models_dir.is_dir() and any(
+        (folder / "mnist_cnn_int8.tflite").is_file() for folder in models_dir.iterdir()
+    )
+
+
 @dataclass(frozen=True)
 class Settings:
     """Every setting of the service, typed. Field docs are in the README's table."""
 
     api_keys: tuple[str, ...] = ()
-    model_path: Path = PROJECT_ROOT / "models" / "mnist_cnn_int8.tflite"
-    model_card_path: Path = PROJECT_ROOT / "models" / "model_card.json"
+    # Installed model versions: one folder per version under here (mnist_api/registry.py).
+    models_dir: Path = PROJECT_ROOT / "models"
+    default_model_version: str = ""  # stable at first start; empty: the newest installed
     max_content_length: int = 10 * MIB
     max_image_pixels: int = 50_000_000
     batch_max_files: int = 64
@@ -109,12 +117,10 @@ class Settings:
         """Read settings from `env` (default: the process environment)."""
         env = os.environ if env is None else env
         keys = _list(env, "API_KEYS") or _list(env, "API_KEY")
-        model_path = Path(_text(env, "MODEL_PATH", str(cls.model_path)))
-        default_card = model_path.with_name("model_card.json")
         return cls(
             api_keys=keys,
-            model_path=model_path,
-            model_card_path=Path(_text(env, "MODEL_CARD_PATH", str(default_card))),
+            models_dir=Path(_text(env, "MODELS_DIR", str(cls.models_dir))),
+            default_model_version=_text(env, "DEFAULT_MODEL_VERSION", ""),
             max_content_length=_int(env, "MAX_CONTENT_LENGTH", cls.max_content_length, 1),
             max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", cls.max_image_pixels, 1),
             batch_max_files=_int(env, "BATCH_MAX_FILES", cls.batch_max_files, 1),
@@ -160,8 +166,8 @@ class Settings:
             )
         if self.log_format not in ("json", "text"):
             raise ConfigError(f"LOG_FORMAT must be 'json' or 'text', got {self.log_format!r}")
-        if not self.model_path.is_file():
+        if not _has_model_version(self.models_dir):
             raise ConfigError(
-                f"MODEL_PATH points to no file ({self.model_path.name}); run `make model` "
-                "or set MODEL_PATH to the .tflite model."
+                f"MODELS_DIR ({self.models_dir}) holds no model version folder "
+                "(<version>/mnist_cnn_int8.tflite); run `make model` or set MODELS_DIR."
             )

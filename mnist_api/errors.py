@@ -107,3 +107,33 @@ class BrokerUnavailable(ServiceError):
     status = 503
     code = "broker_unavailable"
     message = "The job queue is unavailable right now; nothing was queued. Retry shortly."
+
+
+class Forbidden(ServiceError):
+    status = 403
+    code = "forbidden"
+    message = "This route needs an admin key (one of ADMIN_API_KEYS)."
+
+
+class ModelNotFound(ServiceError):
+    status = 404
+    code = "model_not_found"
+    message = "No model version with this id is installed; GET /models lists them."
+
+
+class InvalidDeployment(ServiceError):
+    status = 400
+    code = "invalid_deployment"
+    message = "This deployment change cannot be applied; nothing was changed."
+
+
+class InvalidLabel(ServiceError):
+    status = 400
+    code = "invalid_label"
+    message = "Send 'label' as a whole number from 0 to 9."
+
+
+class InvalidInferenceRequest(ServiceError):
+    status = 400
+    code = "invalid_inference_request"
+    message = "The inference request does not follow the Open Inference Protocol."

@@ -10,13 +10,14 @@ from mnist_api.cache import PredictionCache
 from mnist_api.config import Settings
 from mnist_api.job_store import JobStore
 from mnist_api.model import DigitModel
+from mnist_api.registry import ModelRegistry
 from mnist_api.service import PredictionService
 
 if TYPE_CHECKING:
     from mnist_api.jobs import JobService
 
 SETTINGS = "mnist_settings"
-MODEL = "mnist_model"
+REGISTRY = "mnist_registry"
 SERVICE = "mnist_service"
 CACHE = "mnist_cache"
 JOB_STORE = "mnist_job_store"
@@ -29,10 +30,15 @@ def get_settings() -> Settings:
     return settings
 
 
+def get_registry() -> ModelRegistry:
+    """The installed model versions."""
+    registry: ModelRegistry = current_app.extensions[REGISTRY]
+    return registry
+
+
 def get_model() -> DigitModel:
-    """This app's model."""
-    model: DigitModel = current_app.extensions[MODEL]
-    return model
+    """The stable version's model (what answers when nothing else is asked for)."""
+    return get_service().model
 
 
 def get_service() -> PredictionService:

@@ -89,6 +89,13 @@ MODEL_INFO = Gauge(
     registry=None,
 )
 
+SHADOW_PREDICTIONS = Counter(
+    "mnist_shadow_predictions",
+    "Requests scored in the shadow by the candidate, by whether it agreed with stable.",
+    ["stable", "candidate", "agree"],
+    registry=None,
+)
+
 ALL = (
     INFERENCE_SECONDS,
     PREPROCESS_SECONDS,
@@ -100,6 +107,7 @@ ALL = (
     ERRORS,
     IN_FLIGHT,
     MODEL_INFO,
+    SHADOW_PREDICTIONS,
 )
 
 View = TypeVar("View", bound=Callable[..., Any])
@@ -113,6 +121,17 @@ def record_answers(answers: Sequence[dict[str, Any]], low_confidence_threshold: 
         CONFIDENCE.observe(confidence)
         if confidence < low_confidence_threshold:
             LOW_CONFIDENCE.inc()
+
+
+def record_shadow(stable: str, candidate: str, agreements: Sequence[bool]) -> None:
+    """Count shadow-scored inputs by whether the candidate's digit matched stable's."""
+    agreed = sum(agreements)
+    if agreed:
+        SHADOW_PREDICTIONS.labels(stable=stable, candidate=candidate, agree="true").inc(agreed)
+    if len(agreements) - agreed:
+        SHADOW_PREDICTIONS.labels(stable=stable, candidate=candidate, agree="false").inc(
+            len(agreements) - agreed
+        )
 
 
 def record_cache_lookups(result: str, count: int) -> None:

@@ -12,6 +12,7 @@ from loguru import logger
 from mnist_api.logs import request_id_var
 
 REQUEST_ID_HEADER = "X-Request-ID"
+MODEL_VERSION_HEADER = "X-Model-Version"
 _MAX_ID_LENGTH = 128
 _UNSAFE = re.compile(r"[^A-Za-z0-9._:-]")
 
@@ -35,6 +36,10 @@ def init_app(app: Flask) -> None:
     def _finish(response: Response) -> Response:
         request_id = g.get("request_id") or clean_request_id(None)
         response.headers[REQUEST_ID_HEADER] = request_id
+        model_version = g.get("model_version")
+        if model_version:
+            # The version that really answered, for clients that read headers only.
+            response.headers[MODEL_VERSION_HEADER] = model_version
         started = g.get("started")
         latency_ms = (time.perf_counter() - started) * 1000.0 if started else 0.0
         rule = request.url_rule.rule if request.url_rule is not None else "<unmatched>"

@@ -95,10 +95,17 @@ class BatchResult(Schema):
     model_version = String(required=True)
 
 
-class ModelMetrics(Schema):
-    accuracy_float = Float()
-    accuracy_int8 = Float()
-    test_samples = Integer()
+class VersionQuery(Schema):
+    """`?model_version=`: pin an installed version instead of the deployment's choice."""
+
+    class Meta:
+        unknown = INCLUDE  # other query parameters are ignored, not refused
+
+    model_version = String(
+        metadata={
+            "description": "an installed version, `fe5e4f4d480b` or `mnist-cnn-int8-fe5e4f4d480b`"
+        }
+    )
 
 
 class ModelInfo(Schema):
@@ -113,10 +120,30 @@ class ModelInfo(Schema):
     quantization = Dict(required=True)
     size_bytes = Integer(required=True)
     labels = List(Integer(), required=True)
-    metrics = Nested(ModelMetrics, required=True)
+    metrics = Dict(required=True)
     created = String(required=True)
     card_matches_file = Boolean(required=True)
     cache = String(required=True, metadata={"description": "cache backend: redis or memory"})
+
+
+class ModelEntry(Schema):
+    """One installed version."""
+
+    model_version = String(required=True, metadata={"example": "mnist-cnn-int8-fe5e4f4d480b"})
+    version = String(required=True, metadata={"example": "fe5e4f4d480b"})
+    created = String(required=True)
+    metrics = Dict(required=True)
+    role = String(
+        required=True,
+        allow_none=True,
+        metadata={"description": "stable, candidate, or null (installed, not deployed)"},
+    )
+
+
+class ModelList(Schema):
+    """Every installed version, oldest first."""
+
+    models = List(Nested(ModelEntry), required=True)
 
 
 class Health(Schema):

@@ -1,25 +1,33 @@
 """The service layer: upload bytes in, the contract's prediction object out.
 
-Views call this; it owns the order of work (hash, look up the cache, decode and preprocess
-the misses, one model call for all of them, store the answers) so the HTTP layer holds no
-NumPy and the Celery worker can reuse it as is.
+Views call this; it owns the order of work (choose the version, hash, look up the cache,
+decode and preprocess the misses, one model call for all of them, score them in the shadow
+if the deployment says so, store the answers) so the HTTP layer holds no NumPy and the
+Celery worker can reuse it as is.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
+import PIL
+from loguru import logger
 from PIL import Image
 
 from mnist_api import metrics
+from mnist_api import preprocessing as preprocessing_module
 from mnist_api.cache import PredictionCache, cache_key
+from mnist_api.config import Settings
 from mnist_api.errors import NotReady, ServiceError
 from mnist_api.model import DigitModel
 from mnist_api.preprocessing import Limits, preprocess, warm_up_upload
+from mnist_api.registry import ModelRegistry
 
 Prediction = dict[str, Any]
 
@@ -27,57 +35,150 @@ Prediction = dict[str, Any]
 DECIMALS = 6
 
 
+@cache
+def preprocessing_version() -> str:
+    """8 hex digits that change whenever the preprocessing code or the decoder changes.
+
+    A hash of `preprocessing.py` itself and of Pillow's version, so nobody has to remember
+    to bump a number: any deploy that could change what the model sees gets new cache keys.
+    """
+    source = Path(preprocessing_module.__file__).read_bytes()
+    return hashlib.sha256(source + PIL.__version__.encode()).hexdigest()[:8]
+
+
+@dataclass(frozen=True)
+class Route:
+    """Which version answers a request, and which one (if any) scores it in the shadow."""
+
+    answer: str
+    shadow: str | None = None
+
+
+class Router(Protocol):
+    """Decides per request which installed version answers (the deployment, issue 12)."""
+
+    @property
+    def stable(self) -> str:
+        """The stable version's id."""
+
+    def route(self, client: str) -> Route:
+        """The route for a request from the key fingerprint `client` ("" without a key)."""
+
+    def roles(self) -> dict[str, str]:
+        """`{version: "stable"|"candidate"}` for GET /models."""
+
+
+@dataclass
+class SingleRouter:
+    """The plain deployment: one version answers everything."""
+
+    version: str
+
+    @property
+    def stable(self) -> str:
+        """The one version."""
+        return self.version
+
+    def route(self, client: str) -> Route:
+        """Always the one version, no shadow."""
+        return Route(self.version)
+
+    def roles(self) -> dict[str, str]:
+        """Only a stable version."""
+        return {self.version: "stable"}
+
+
 @dataclass
 class PredictionService:
-    """Turns uploads into predictions with one model, one cache and one set of limits."""
+    """Turns uploads into predictions with the installed versions, a cache and limits."""
 
-    model: DigitModel
+    registry: ModelRegistry
     limits: Limits
     cache: PredictionCache
+    router: Router
     low_confidence_threshold: float = 0.6
+    # Part of every cache key: a deploy that changes preprocessing never serves old answers.
+    preprocessing: str = field(default_factory=preprocessing_version)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, cache: PredictionCache) -> PredictionService:
+        """A loaded service outside the web app (bulk CLI, benchmark): every version, single."""
+        registry = ModelRegistry.discover(settings.models_dir)
+        registry.load()
+        return cls(
+            registry,
+            Limits(max_pixels=settings.max_image_pixels),
+            cache,
+            SingleRouter(registry.default_version(settings.default_model_version)),
+            settings.low_confidence_threshold,
+        )
+
+    @property
+    def model(self) -> DigitModel:
+        """The stable version's model."""
+        return self.registry.get(self.router.stable)
 
     @property
     def model_version(self) -> str:
-        """The `model_version` every answer carries."""
+        """The stable version's `model_version` string."""
         return self.model.full_version
 
     def warm_up(self) -> None:
-        """Run one upload through decoding and the model, uncounted and uncached.
+        """Run one upload through decoding and every version, uncounted and uncached.
 
         Also loads every Pillow plugin now: the check that names a refused file's kind
         (PDF, TIFF, ...) would otherwise import them all during some client's request.
         """
         Image.init()
-        self.model.predict(preprocess(warm_up_upload(), self.limits)[np.newaxis])
+        image = preprocess(warm_up_upload(), self.limits)[np.newaxis]
+        for model in self.registry:
+            model.predict(image)
 
-    def lookup(self, data: bytes) -> Prediction | None:
-        """The cached answer for an upload, or None; nothing is decoded."""
+    def route_for(self, client: str = "", version: str | None = None) -> Route:
+        """The deployment's route for this client, or the pinned `version` alone.
+
+        `ModelNotFound` (404) when `version` is not installed.
+        """
+        if version:
+            return Route(self.registry.get(version).version)
+        return self.router.route(client)
+
+    def lookup(self, data: bytes, version: str | None = None) -> Prediction | None:
+        """The cached answer of `version` (default: stable) for an upload, or None."""
         self._require_ready()
-        hit = self.cache.get_many([self.key_for(data)])[0]
+        model = self.registry.get(version or self.router.stable)
+        hit = self.cache.get_many([self.key_for(data, model)])[0]
         return {**hit, "cached": True} if hit is not None else None
 
     def validate(self, data: bytes) -> None:
         """Raise the error /predict would give for this upload, without running the model."""
         preprocess(data, self.limits)
 
-    def key_for(self, data: bytes) -> str:
-        """The cache key of an upload: model version and SHA-256 of the bytes as sent."""
-        return cache_key(self.model_version, hashlib.sha256(data).hexdigest())
+    def key_for(self, data: bytes, model: DigitModel | None = None) -> str:
+        """The cache key of an upload: version, preprocessing and SHA-256 of the bytes."""
+        model = model or self.model
+        return cache_key(model.full_version, hashlib.sha256(data).hexdigest(), self.preprocessing)
 
-    def predict(self, data: bytes) -> Prediction:
+    def predict(self, data: bytes, *, client: str = "", version: str | None = None) -> Prediction:
         """Predict one upload; raises a `ServiceError` subclass for a bad upload."""
-        result = self.predict_many([data])[0]
+        result = self.predict_many([data], client=client, version=version)[0]
         if isinstance(result, ServiceError):
             raise result
         return result
 
-    def predict_many(self, uploads: list[bytes]) -> list[Prediction | ServiceError]:
+    def predict_many(
+        self, uploads: list[bytes], *, client: str = "", version: str | None = None
+    ) -> list[Prediction | ServiceError]:
         """Predict a batch: one cache round trip, one interpreter call for all the misses.
 
-        A bad upload yields its error in its place; identical uploads are computed once.
+        The whole batch goes to one version: `version` when pinned, else the deployment's
+        choice for `client`. A bad upload yields its error in its place; identical uploads
+        are computed once.
         """
         self._require_ready()
-        keys = [self.key_for(data) for data in uploads]
+        route = self.route_for(client, version)
+        model = self.registry.get(route.answer)
+        keys = [self.key_for(data, model) for data in uploads]
         results: list[Prediction | ServiceError | None] = [
             {**hit, "cached": True} if hit is not None else None
             for hit in self.cache.get_many(keys)
@@ -102,12 +203,15 @@ class PredictionService:
         if images:
             fresh: dict[str, Prediction] = {}
             started = time.perf_counter()
-            probabilities = self.model.predict(np.stack(images))
-            metrics.INFERENCE_SECONDS.labels(model_version=self.model_version).observe(
+            batch = np.stack(images)
+            probabilities = model.predict(batch)
+            metrics.INFERENCE_SECONDS.labels(model_version=model.full_version).observe(
                 time.perf_counter() - started
             )
+            if route.shadow is not None:
+                self._score_in_shadow(model, route.shadow, batch, probabilities)
             for (key, slots), row in zip(pending.items(), probabilities, strict=True):
-                answer = self._shape(row)
+                answer = self._shape(row, model)
                 fresh[key] = answer
                 for slot in slots:
                     results[slot] = answer
@@ -119,17 +223,36 @@ class PredictionService:
         )
         return answered
 
+    def _score_in_shadow(
+        self, stable: DigitModel, version: str, batch: np.ndarray, answered: np.ndarray
+    ) -> None:
+        """Run the shadow version on the inputs stable just scored; never fail the answer.
+
+        The candidate reuses the preprocessed batch: one more interpreter call, no decode.
+        """
+        try:
+            shadow = self.registry.get(version)
+            started = time.perf_counter()
+            probabilities = shadow.predict(batch)
+            metrics.INFERENCE_SECONDS.labels(model_version=shadow.full_version).observe(
+                time.perf_counter() - started
+            )
+            agree = np.argmax(probabilities, axis=1) == np.argmax(answered, axis=1)
+            metrics.record_shadow(stable.full_version, shadow.full_version, agree.tolist())
+        except Exception as error:  # the shadow is an experiment: it must never cost an answer
+            logger.warning("shadow scoring failed: {}", type(error).__name__)
+
     def _require_ready(self) -> None:
-        if not self.model.ready:
+        if not self.registry.ready:
             raise NotReady()
 
-    def _shape(self, probabilities: np.ndarray) -> Prediction:
+    def _shape(self, probabilities: np.ndarray, model: DigitModel) -> Prediction:
         digit = int(np.argmax(probabilities))
         rounded = [round(float(p), DECIMALS) for p in probabilities]
         return {
             "prediccion": digit,
             "probabilidad": rounded[digit],
             "probabilities": rounded,
-            "model_version": self.model_version,
+            "model_version": model.full_version,
             "cached": False,
         }

@@ -12,7 +12,7 @@ from apiflask import APIFlask
 from flask.testing import FlaskClient
 from loguru import logger
 
-from mnist_api.extensions import MODEL
+from mnist_api.extensions import SERVICE
 from mnist_api.model import DigitModel
 from tests.samples import as_paper, encode, sample
 from tests.test_errors import truncated_png
@@ -38,7 +38,7 @@ def assert_prediction(body: dict, model_version: str) -> None:
 
 @pytest.fixture
 def model(app: APIFlask) -> DigitModel:
-    return app.extensions[MODEL]
+    return app.extensions[SERVICE].model
 
 
 def test_predict_multipart(client: FlaskClient, auth: dict[str, str], model: DigitModel) -> None:

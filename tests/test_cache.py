@@ -19,7 +19,7 @@ from loguru import logger
 from mnist_api import create_app
 from mnist_api.cache import CacheHooks, MemoryCache, RedisCache, build_cache
 from mnist_api.config import Settings
-from mnist_api.extensions import CACHE, MODEL
+from mnist_api.extensions import CACHE, SERVICE
 from mnist_api.model import DigitModel
 from tests.samples import as_paper, encode, sample
 from tools.redis_server import RedisServer
@@ -60,7 +60,7 @@ def redis_client(redis_app: APIFlask) -> FlaskClient:
 
 @pytest.fixture
 def counter(redis_app: APIFlask, monkeypatch: pytest.MonkeyPatch) -> Counter:
-    return Counter(redis_app.extensions[MODEL], monkeypatch)
+    return Counter(redis_app.extensions[SERVICE].model, monkeypatch)
 
 
 @pytest.fixture
@@ -92,7 +92,7 @@ def test_same_bytes_twice_is_a_hit_without_the_model(
     assert counter.calls == 1  # the hit never reached the interpreter
 
     key = redis_app.extensions["mnist_service"].key_for(data)
-    assert key.startswith(f"pred:{redis_app.extensions[MODEL].full_version}:")
+    assert key.startswith(f"pred:{redis_app.extensions[SERVICE].model.full_version}+p")
     assert 0 < redis_server.client().ttl(key) <= 3600
 
 
@@ -110,7 +110,7 @@ def test_a_new_model_version_misses(
 ) -> None:
     data = png_of(2)
     post(redis_client, data, auth)
-    monkeypatch.setattr(redis_app.extensions[MODEL], "sha256", "f" * 64)
+    monkeypatch.setattr(redis_app.extensions[SERVICE].model, "sha256", "f" * 64)
     again = post(redis_client, data, auth)
     assert again.headers["X-Cache"] == "MISS"
     assert again.get_json()["model_version"] == "mnist-cnn-int8-ffffffffffff"

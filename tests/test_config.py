@@ -32,14 +32,16 @@ def test_typed_values() -> None:
         "PORT": "5000",
         "CORS_ORIGINS": "https://a.example,https://b.example",
         "LOG_FORMAT": "TEXT",
-        "MODEL_PATH": "/srv/m.tflite",
+        "MODELS_DIR": "/srv/models",
+        "DEFAULT_MODEL_VERSION": "fe5e4f4d480b",
     }
     settings = Settings.from_env(env)
     assert settings.max_content_length == 2048
     assert settings.port == 5000
     assert settings.cors_origins == ("https://a.example", "https://b.example")
     assert settings.log_format == "text"
-    assert settings.model_card_path == Path("/srv/model_card.json")
+    assert settings.models_dir == Path("/srv/models")
+    assert settings.default_model_version == "fe5e4f4d480b"
 
 
 @pytest.mark.parametrize(("name", "value"), [("PORT", "eighty"), ("BATCH_MAX_FILES", "0")])
@@ -54,8 +56,13 @@ def test_factory_refuses_to_start_without_a_key() -> None:
 
 
 def test_factory_refuses_a_missing_model(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="MODEL_PATH"):
-        create_app(Settings(api_keys=("k",), model_path=tmp_path / "none.tflite"))
+    with pytest.raises(ConfigError, match="MODELS_DIR"):
+        create_app(Settings(api_keys=("k",), models_dir=tmp_path))
+
+
+def test_factory_refuses_an_uninstalled_default_version() -> None:
+    with pytest.raises(ConfigError, match="DEFAULT_MODEL_VERSION"):
+        create_app(Settings(api_keys=("k",), default_model_version="0123456789ab"))
 
 
 def test_factory_builds_an_app(settings: Settings) -> None:

@@ -56,13 +56,20 @@ GRAFANA_DASHBOARDS = GRAFANA_PROVISIONING / "dashboards" / "mnist.yml"
 PYTHON_VERSION = (ROOT / ".python-version").read_text().strip()
 
 # What the image must hold to serve and to work: the entry points and the package, the model.
-RUNTIME_SOURCES = {"api.py", "gunicorn.conf.py", "make_celery.py", "mnist_api", "models"}
+RUNTIME_SOURCES = {
+    "api.py",
+    "gunicorn.conf.py",
+    "make_celery.py",
+    "mnist_api",
+    "models",
+    "templates",
+    "static",
+}
 # Variables of mnist_api/config.py that a Heroku user does not set in app.json, and why.
 NOT_IN_APP_JSON = {
     "PORT": "Heroku sets it for each web dyno",
     "REDIS_URL": "the heroku-redis add-on sets it",
-    "MODEL_PATH": "the model ships in the slug at the default path",
-    "MODEL_CARD_PATH": "the card ships next to the model",
+    "MODELS_DIR": "the models ship in the slug at the default path",
     "PROMETHEUS_MULTIPROC_DIR": "gunicorn.conf.py sets it for its workers",
     "TASK_DELAY_SECONDS": "tests and demos only",
 }
@@ -422,7 +429,7 @@ def dockerignore_patterns() -> list[str]:
         ".mypy_cache/3.11/cache.db",
         ".ruff_cache/CACHEDIR.TAG",
         ".hypothesis/examples/x",
-        "models/mnist_cnn.keras",
+        "models/fe5e4f4d480b/mnist_cnn.keras",
         "requirements-train.txt",
         "training/data.py",
     ],
@@ -439,10 +446,10 @@ def test_dockerignore_keeps_out(path: str) -> None:
         "gunicorn.conf.py",
         "make_celery.py",
         "mnist_api/app.py",
-        "mnist_api/static/app.js",
-        "mnist_api/templates/index.html",
-        "models/mnist_cnn_int8.tflite",
-        "models/model_card.json",
+        "static/app.js",
+        "templates/index.html",
+        "models/fe5e4f4d480b/mnist_cnn_int8.tflite",
+        "models/fe5e4f4d480b/model_card.json",
     ],
 )
 def test_dockerignore_keeps_what_the_image_copies(path: str) -> None:

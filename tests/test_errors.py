@@ -198,7 +198,7 @@ def test_not_ready_before_the_model_is_loaded(unloaded_app: APIFlask, auth: dict
 def broken_service(app: APIFlask, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """A fault no real input produces: the service raises something unexpected."""
 
-    def explode(data: bytes) -> dict:
+    def explode(data: bytes, **_options: object) -> dict:
         raise RuntimeError("secret detail at /work/main/mnist_api/service.py")
 
     monkeypatch.setattr(app.extensions[SERVICE], "predict", explode)

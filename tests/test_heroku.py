@@ -55,12 +55,25 @@ def test_release_phase_passes_with_the_committed_model(tmp_path: Path) -> None:
     assert "release check passed: mnist-cnn-int8-" in done.stdout
 
 
-@pytest.mark.parametrize("damage", ["flipped_byte", "missing_model", "missing_card", "bad_card"])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "flipped_byte",
+        "missing_model",
+        "missing_card",
+        "bad_card",
+        "misnamed_folder",
+        "unknown_default",
+    ],
+)
 def test_release_phase_refuses_a_broken_model(tmp_path: Path, damage: str) -> None:
-    model = tmp_path / "mnist_cnn_int8.tflite"
-    card = tmp_path / "model_card.json"
-    shutil.copy(PROJECT_ROOT / "models" / "mnist_cnn_int8.tflite", model)
-    shutil.copy(PROJECT_ROOT / "models" / "model_card.json", card)
+    """Every installed version is checked: one broken version fails the release."""
+    models = tmp_path / "models"
+    shutil.copytree(PROJECT_ROOT / "models", models)
+    broken = models / sorted(p.name for p in models.iterdir() if p.is_dir())[0]
+    model = broken / "mnist_cnn_int8.tflite"
+    card = broken / "model_card.json"
+    env = {"MODELS_DIR": str(models)}
     if damage == "flipped_byte":
         data = bytearray(model.read_bytes())
         data[len(data) // 2] ^= 0xFF
@@ -69,9 +82,13 @@ def test_release_phase_refuses_a_broken_model(tmp_path: Path, damage: str) -> No
         model.unlink()
     elif damage == "missing_card":
         card.unlink()
-    else:
+    elif damage == "bad_card":
         card.write_text("{not json")
-    done = release(tmp_path, MODEL_PATH=str(model))
+    elif damage == "misnamed_folder":
+        broken.rename(models / "latest")
+    else:
+        env["DEFAULT_MODEL_VERSION"] = "0123456789ab"
+    done = release(tmp_path, **env)
     assert done.returncode != 0
     assert "release check failed" in done.stdout + done.stderr
 

@@ -78,7 +78,7 @@ def test_unexpected_error_logged_with_request_id_and_no_values(
     auth: dict[str, str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    def explode(data: bytes) -> dict:
+    def explode(data: bytes, **_options: object) -> dict:
         password = "hunter2-local-value"  # noqa: F841 - must never reach the logs
         raise RuntimeError("boom")
 

@@ -35,8 +35,8 @@ import numpy as np
 from PIL import Image
 
 from mnist_api.config import PROJECT_ROOT, Settings
-from mnist_api.model import DigitModel
 from mnist_api.preprocessing import preprocess
+from mnist_api.registry import ModelRegistry
 from tools.load import rss_kib
 from tools.redis_server import RedisServer
 from tools.services import API_KEYS, free_port, start_web, stop
@@ -198,9 +198,9 @@ def wrk(
 
 def measure_alone(report: Report, images: dict[str, bytes]) -> None:
     """The model and the preprocessing by themselves, in this process (CPU time)."""
-    settings = Settings()
-    model = DigitModel(settings.model_path, settings.model_card_path)
-    model.load()
+    registry = ModelRegistry.discover(Settings().models_dir)
+    registry.load()
+    model = registry.get(registry.default_version())
     field_ = preprocess(images["png28"])[np.newaxis]
     batch = np.repeat(field_, BATCH, axis=0)
     report.alone["inference_single_ms"] = _cpu_ms(lambda: model.predict(field_), 2000)

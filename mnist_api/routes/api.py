@@ -1,4 +1,4 @@
-"""The keyed API: /predict, /predict/batch and /model."""
+"""The keyed API: /predict, /predict/batch, /predict_async, /tasks, /model and /models."""
 
 from __future__ import annotations
 
@@ -11,30 +11,48 @@ from flask import Response, g, request, url_for
 from mnist_api import schemas, uploads
 from mnist_api.auth import api_key_auth
 from mnist_api.errors import NotReady
-from mnist_api.extensions import get_cache, get_jobs, get_model, get_service, get_settings
+from mnist_api.extensions import (
+    get_cache,
+    get_jobs,
+    get_registry,
+    get_service,
+    get_settings,
+)
 from mnist_api.schemas import documents_upload
 
 bp = APIBlueprint("api", __name__, tag="Predictions")
 
-UPLOAD_ERRORS = [400, 401, 413, 415, 422, 503]
+UPLOAD_ERRORS = [400, 401, 404, 413, 415, 422, 503]
+
+
+def _pinned_version() -> str | None:
+    """`?model_version=` (short or full form), or None to let the deployment decide."""
+    return request.args.get("model_version") or None
+
+
+def _client() -> str:
+    """The fingerprint of the caller's key: what sticky deployments (A/B) hash."""
+    return str(g.get("api_key_fingerprint") or "")
 
 
 @bp.post("/predict")
 @bp.auth_required(api_key_auth)
+@bp.input(schemas.VersionQuery, location="query", arg_name="query")
 @bp.output(schemas.Prediction, headers=schemas.CacheHeaders)
 @bp.doc(
     summary="Predict the digit in one image",
     description=(
         "Send the image as multipart field `file`, or as the raw body with "
-        "`Content-Type: image/png|jpeg|gif|webp|bmp`."
+        "`Content-Type: image/png|jpeg|gif|webp|bmp`. The deployment decides which model "
+        "version answers unless `model_version` pins one."
     ),
     responses=UPLOAD_ERRORS,
 )
 @documents_upload(schemas.Upload)
-def predict() -> Response:
+def predict(query: dict[str, Any]) -> Response:
     """Predict one upload."""
     data = uploads.read_single(request)
-    result = get_service().predict(data)
+    result = get_service().predict(data, client=_client(), version=_pinned_version())
     g.digit = result["prediccion"]
     g.model_version = result["model_version"]
     # The answer is already exactly the documented shape: serialise it directly (this is
@@ -46,21 +64,29 @@ def predict() -> Response:
 
 @bp.post("/predict/batch")
 @bp.auth_required(api_key_auth)
+@bp.input(schemas.VersionQuery, location="query", arg_name="query")
 @bp.output(schemas.BatchResult)
 @bp.doc(
     summary="Predict the digits of several images at once",
-    description="One `files` part per image; a bad file gets its own error in place.",
-    responses=[400, 401, 413, 415, 503],
+    description=(
+        "One `files` part per image; a bad file gets its own error in place. The whole batch "
+        "is answered by one model version (`model_version` pins it)."
+    ),
+    responses=[400, 401, 404, 413, 415, 503],
 )
 @documents_upload(schemas.BatchUpload)
-def predict_batch() -> dict[str, Any]:
+def predict_batch(query: dict[str, Any]) -> dict[str, Any]:
     """Predict a batch of uploads with one model call."""
     settings = get_settings()
     service = get_service()
-    results = service.predict_many(uploads.read_batch(request, settings.batch_max_files))
+    # Decided once for the batch, so its answers and its `model_version` agree.
+    route = service.route_for(_client(), _pinned_version())
+    results = service.predict_many(
+        uploads.read_batch(request, settings.batch_max_files), version=route.answer
+    )
     predictions = [item if isinstance(item, dict) else item.to_dict() for item in results]
-    g.model_version = service.model_version
-    return {"predictions": predictions, "model_version": service.model_version}
+    g.model_version = service.registry.get(route.answer).full_version
+    return {"predictions": predictions, "model_version": g.model_version}
 
 
 @bp.post("/predict_async")
@@ -109,11 +135,25 @@ def task_status(task_id: str) -> dict[str, Any]:
 
 @bp.get("/model")
 @bp.auth_required(api_key_auth)
+@bp.input(schemas.VersionQuery, location="query", arg_name="query")
 @bp.output(schemas.ModelInfo)
-@bp.doc(summary="Describe the model in use", responses=[401, 503])
-def model_info() -> dict[str, Any]:
+@bp.doc(
+    summary="Describe the stable model (or the version `model_version` names)",
+    responses=[401, 404, 503],
+)
+def model_info(query: dict[str, Any]) -> dict[str, Any]:
     """The loaded model's own facts, with accuracy and date from its model card."""
-    model = get_model()
+    service = get_service()
+    model = service.registry.get(_pinned_version() or service.router.stable)
     if not model.ready:
         raise NotReady()
     return {**model.describe(), "cache": get_cache().backend}
+
+
+@bp.get("/models")
+@bp.auth_required(api_key_auth)
+@bp.output(schemas.ModelList)
+@bp.doc(summary="The installed model versions and their roles", responses=[401])
+def models() -> dict[str, Any]:
+    """Every installed version, oldest first, with `role` stable, candidate or null."""
+    return {"models": get_registry().describe(get_service().router.roles())}
