@@ -128,15 +128,17 @@ def parse_request(body: bytes, header_length: str | None, limits: Limits) -> Inf
     if not isinstance(tensor, dict):
         raise invalid("Each input must be a JSON object with 'name', 'shape' and 'datatype'.")
     name, datatype, shape = _describe_input(tensor)
-    data, raw = _tensor_content(tensor, name, binary)
+    # The batch is checked against its cap before any data is looked at.
     if name == IMAGE_INPUT:
         count = _image_batch(datatype, shape, limits)
+        data, raw = _tensor_content(tensor, name, binary)
         images = _bytes_elements(raw, count) if raw is not None else _base64_elements(data, count)
         for index, image in enumerate(images):
             if not image:
                 raise MissingFile(f"Element {index} of input 'image' is empty.")
         return InferenceRequest(request_id, outputs, images=tuple(images))
     count = _pixels_batch(datatype, shape, limits)
+    data, raw = _tensor_content(tensor, name, binary)
     dtype = PIXEL_DTYPES[datatype]
     values = _binary_pixels(raw, count, dtype) if raw is not None else _json_pixels(data, count)
     return InferenceRequest(request_id, outputs, pixels=_checked_pixels(values, datatype, count))
