@@ -397,11 +397,9 @@ def test_only_the_requested_outputs_in_their_order_and_encoding() -> None:
         strings.append(tail[offset + 4 : offset + 4 + length].decode())
         offset += 4 + length
     # Best first; equal scores in index order.
-    assert strings == ["0.900000:2", "0.020000:1", "0.010000:0"] + [
-        "0.150000:9",
-        "0.100000:0",
-        "0.100000:1",
-    ]
+    first = ["0.900000:2", "0.020000:1", "0.010000:0"]
+    second = ["0.150000:9", "0.100000:0", "0.100000:1"]
+    assert strings == [*first, *second]
 
 
 def test_classification_in_json_and_more_classes_than_there_are() -> None:
