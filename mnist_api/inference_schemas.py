@@ -169,12 +169,22 @@ _HEADER_LENGTH = {
 
 
 def document_openapi(spec: dict[str, Any]) -> None:
-    """Add the infer request body (JSON and binary) and the binary answer to the document."""
+    """Add the infer request body (JSON and binary) and the binary answer to the document,
+    and name the one model in the `model_name` path parameters."""
     spec.setdefault("components", {}).setdefault("schemas", {})["InferenceRequest"] = (
         INFERENCE_REQUEST
     )
     for path, operations in spec.get("paths", {}).items():
-        if not (path.startswith("/v2/models/") and path.endswith("/infer")):
+        if not path.startswith("/v2/models/"):
+            continue
+        for operation in operations.values():
+            for parameter in operation.get("parameters", []):
+                if parameter.get("in") == "path" and parameter.get("name") == "model_name":
+                    # One model: saying so lets clients (and fuzzers) reach past the 404.
+                    parameter["schema"] = {"type": "string", "enum": ["mnist"]}
+                elif parameter.get("in") == "path" and parameter.get("name") == "model_version":
+                    parameter["description"] = "an installed version, e.g. `fe5e4f4d480b`"
+        if not path.endswith("/infer"):
             continue
         operation = operations.get("post")
         if operation is None:
