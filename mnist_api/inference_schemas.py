@@ -84,6 +84,15 @@ class InferenceResponse(Schema):
     outputs = List(Nested(ResponseOutput), required=True)
 
 
+# A drawn 7 as a 28x28 PNG, base64: the example body answers in Swagger UI's "Try it out".
+SEVEN_PNG = (
+    "iVBORw0KGgoAAAANSUhEUgAAABwAAAAcCAAAAABXZoBIAAAA5ElEQVR4nI3SMW4CMRAF0BmydJAIISHtRVCKHACO"
+    "wAWSIk0kmpwjEgUNp+AGFCmyNYdACLFVUDLjT2GQPV6zYgq7ePu9vxgG3Z5Oi1HhrzTP/mx71idR22/4ia8Irsd1"
+    "ELDr/wzBRATAYZ+89wg4AP6fp69TENfZrj8+e2AiZGZKMxUAF/wP8+sWVB6hAcOo7ka0giCHgld6ceJyKPguupUP"
+    "puhEn+n9YikKllTuVXMYt2lg3CZF0yZB2yZB28Zi0sai4C1uY1CwoYcqDkaof5PB3BiiBdNDMQCbVbp3qdHY3rbk"
+    "Ge0EwPmONjwPAAAAAElFTkSuQmCC"
+)
+
 _OUTPUT_PARAMETERS = {
     "type": "object",
     "properties": {
@@ -150,7 +159,7 @@ INFERENCE_REQUEST: dict[str, Any] = {
     },
     "example": {
         "id": "42",
-        "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["iVBORw0..."]}],
+        "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [SEVEN_PNG]}],
         "outputs": [
             {"name": "digit"},
             {"name": "probabilities", "parameters": {"classification": 3}},

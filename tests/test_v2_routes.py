@@ -499,3 +499,13 @@ def test_random_image_elements_get_an_upload_code(
     response = client.post(INFER, data=body, headers={**auth, **headers})
     if response.status_code != 200:
         assert_refused_well(response)
+
+
+def test_the_documented_example_answers(client: FlaskClient, auth: dict[str, str]) -> None:
+    spec = client.get("/openapi.json").get_json()
+    example = spec["components"]["schemas"]["InferenceRequest"]["example"]
+    document = client.post(INFER, json=example, headers=auth).get_json()
+    assert document["id"] == example["id"]
+    assert output(document, "digit")["data"] == [7]
+    (best, *_) = output(document, "probabilities")["data"]
+    assert best.endswith(":7")
