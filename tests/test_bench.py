@@ -43,7 +43,7 @@ def test_short_benchmark_writes_its_table_and_chart(tmp_path: Path) -> None:
     ]
     assert len(rows) == 20  # 6 scenarios at 3 concurrencies, the phone JPEG at 2
     v2_rows = [line for line in http_table.splitlines() if line.startswith("| v2 ")]
-    assert len(v2_rows) == 6  # V2 infer: 32 image elements and 64 pixels, at 3 concurrencies
+    assert len(v2_rows) == 4  # V2 infer: 32 image elements and 64 pixels, at 2 concurrencies
     errors_column = 8
     # No errors: a wrong binary size in a V2 body would show here as non-2xx answers.
     assert all(row.split("|")[errors_column].strip() == "0" for row in rows + v2_rows), rows
