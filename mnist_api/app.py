@@ -16,7 +16,7 @@ from mnist_api.jobs import JobService
 from mnist_api.logs import configure_logging
 from mnist_api.preprocessing import ALLOWED_CONTENT_TYPES, Limits
 from mnist_api.registry import ModelRegistry
-from mnist_api.routes import api, ops, web
+from mnist_api.routes import api, ops, v2, web
 from mnist_api.service import PredictionService, SingleRouter
 from mnist_api.tasks import celery_init_app
 
@@ -70,13 +70,25 @@ def create_app(settings: Settings | None = None, *, load_model: bool = True) -> 
     CORS(
         app,
         origins=list(settings.cors_origins),
-        allow_headers=["x-api-key", "Content-Type", "X-Request-ID"],
-        expose_headers=["X-Request-ID", "X-Cache", "X-Model-Version", "Retry-After", "Location"],
+        allow_headers=[
+            "x-api-key",
+            "Content-Type",
+            "X-Request-ID",
+            "Inference-Header-Content-Length",
+        ],
+        expose_headers=[
+            "X-Request-ID",
+            "X-Cache",
+            "X-Model-Version",
+            "Retry-After",
+            "Location",
+            "Inference-Header-Content-Length",
+        ],
         max_age=600,
     )
     request_context.init_app(app)
     error_handlers.init_app(app)
-    rate_limits.init_app(app, settings, limited=api.bp)
+    rate_limits.init_app(app, settings, limited=(api.bp, v2.bp))
     metrics.init_app(
         app,
         multiprocess=bool(settings.prometheus_multiproc_dir),
@@ -85,6 +97,8 @@ def create_app(settings: Settings | None = None, *, load_model: bool = True) -> 
     app.register_blueprint(api.bp)
     app.register_blueprint(ops.bp)
     app.register_blueprint(web.bp)
+    app.register_blueprint(v2.public_bp)
+    app.register_blueprint(v2.bp)
     app.spec_processor(_document_raw_uploads)
 
     if load_model:
@@ -154,4 +168,5 @@ def _document_raw_uploads(spec: dict[str, Any] | str) -> dict[str, Any] | str:
         content = operation.setdefault("requestBody", {}).setdefault("content", {})
         for mimetype in sorted(ALLOWED_CONTENT_TYPES):
             content[mimetype] = {"schema": {"type": "string", "format": "binary"}}
+    v2.document_openapi(spec)
     return spec

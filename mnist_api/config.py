@@ -87,6 +87,8 @@ class Settings:
     max_content_length: int = 10 * MIB
     max_image_pixels: int = 50_000_000
     batch_max_files: int = 64
+    # Open Inference Protocol: most images in one `pixels` tensor (28x28 each).
+    v2_max_pixels_batch: int = 1024
     cors_origins: tuple[str, ...] = ("*",)
     redis_url: str = ""
     cache_ttl_seconds: int = 3600
@@ -124,6 +126,7 @@ class Settings:
             max_content_length=_int(env, "MAX_CONTENT_LENGTH", cls.max_content_length, 1),
             max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", cls.max_image_pixels, 1),
             batch_max_files=_int(env, "BATCH_MAX_FILES", cls.batch_max_files, 1),
+            v2_max_pixels_batch=_int(env, "V2_MAX_PIXELS_BATCH", cls.v2_max_pixels_batch, 1),
             cors_origins=_list(env, "CORS_ORIGINS") or cls.cors_origins,
             redis_url=_text(env, "REDIS_URL", cls.redis_url),
             cache_ttl_seconds=_int(env, "CACHE_TTL_SECONDS", cls.cache_ttl_seconds, 1),

@@ -10,6 +10,7 @@ are not limited.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from apiflask import APIBlueprint
@@ -30,8 +31,11 @@ def rate_limit_key() -> str:
     return f"ip:{request.remote_addr or 'unknown'}"
 
 
-def init_app(app: Flask, settings: Settings, limited: APIBlueprint) -> Limiter | None:
-    """Trust the router's X-Forwarded-For, then limit the routes of `limited`."""
+def init_app(
+    app: Flask, settings: Settings, limited: APIBlueprint | Sequence[APIBlueprint]
+) -> Limiter | None:
+    """Trust the router's X-Forwarded-For, then limit the routes of `limited` (a blueprint
+    or several), each route counted per key as /predict is."""
     if settings.proxy_fix_x_for > 0:
         # Heroku's router (one hop) appends the client's address: without this every
         # request would come from the router and share one IP bucket.
@@ -56,5 +60,6 @@ def init_app(app: Flask, settings: Settings, limited: APIBlueprint) -> Limiter |
         in_memory_fallback_enabled=True,
         key_prefix="mnist-rl",
     )
-    limiter.limit(settings.rate_limit)(limited)
+    for blueprint in (limited,) if isinstance(limited, APIBlueprint) else limited:
+        limiter.limit(settings.rate_limit)(blueprint)
     return limiter

@@ -25,7 +25,7 @@ from mnist_api import preprocessing as preprocessing_module
 from mnist_api.cache import PredictionCache, cache_key
 from mnist_api.config import Settings
 from mnist_api.errors import NotReady, ServiceError
-from mnist_api.model import DigitModel
+from mnist_api.model import BATCH_BUCKETS, NUM_CLASSES, DigitModel
 from mnist_api.preprocessing import Limits, preprocess, warm_up_upload
 from mnist_api.registry import ModelRegistry
 
@@ -222,6 +222,44 @@ class PredictionService:
             [item for item in answered if isinstance(item, dict)], self.low_confidence_threshold
         )
         return answered
+
+    def predict_pixels(
+        self, images: np.ndarray, *, client: str = "", version: str | None = None
+    ) -> tuple[DigitModel, np.ndarray]:
+        """Probabilities (n, 10) for images already in MNIST form, and the model that answered.
+
+        `images` is (n, 28, 28) float32 in [0, 1], light ink on black (the Open Inference
+        Protocol's `pixels` input). No decoding, no preprocessing and no cache: hashing the
+        pixels would cost about what the model does. One interpreter call per chunk of the
+        largest batch bucket (64), so a big tensor never makes an interpreter of its own
+        size; the route (pinned `version`, else the deployment's choice for `client`) and
+        its shadow scoring apply as for uploads, and the answers are counted the same way.
+        """
+        self._require_ready()
+        route = self.route_for(client, version)
+        model = self.registry.get(route.answer)
+        chunk = BATCH_BUCKETS[-1]
+        parts = []
+        for start in range(0, len(images), chunk):
+            batch = images[start : start + chunk]
+            started = time.perf_counter()
+            probabilities = model.predict(batch)
+            metrics.INFERENCE_SECONDS.labels(model_version=model.full_version).observe(
+                time.perf_counter() - started
+            )
+            if route.shadow is not None:
+                self._score_in_shadow(model, route.shadow, batch, probabilities)
+            parts.append(probabilities)
+        answered = np.concatenate(parts) if parts else np.zeros((0, NUM_CLASSES))
+        digits = np.argmax(answered, axis=1)
+        metrics.record_answers(
+            [
+                {"prediccion": int(digit), "probabilidad": float(row[digit])}
+                for digit, row in zip(digits, answered, strict=True)
+            ],
+            self.low_confidence_threshold,
+        )
+        return model, answered
 
     def _score_in_shadow(
         self, stable: DigitModel, version: str, batch: np.ndarray, answered: np.ndarray

@@ -10,9 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 
 from mnist_api.config import PROJECT_ROOT
-from tools.bench import Scenario, digit_png, wrk
+from tests.test_metrics import total
+from tools.bench import V2_INFER, Scenario, digit_png, v2_image_body, wrk
 from tools.services import start_web, stop, venv_env
 
 BENCH_ARGS = ("--seconds", "1", "--max-attempts", "1")
@@ -40,8 +42,12 @@ def test_short_benchmark_writes_its_table_and_chart(tmp_path: Path) -> None:
         line for line in http_table.splitlines() if re.match(r"\| (healthz|predict|batch)", line)
     ]
     assert len(rows) == 20  # 6 scenarios at 3 concurrencies, the phone JPEG at 2
+    v2_rows = [line for line in http_table.splitlines() if line.startswith("| v2 ")]
+    assert len(v2_rows) == 4  # V2 infer: 32 image elements and 64 pixels, at 2 concurrencies
     errors_column = 8
-    assert all(row.split("|")[errors_column].strip() == "0" for row in rows), rows
+    # No errors: a wrong binary size in a V2 body would show here as non-2xx answers.
+    assert all(row.split("|")[errors_column].strip() == "0" for row in rows + v2_rows), rows
+    assert "V2 pixels (64, binary) >= 10x" in text and "V2 image batch of 32" in text
 
 
 @needs_wrk
@@ -65,6 +71,28 @@ def test_miss_scenarios_really_miss_the_cache(tmp_path: Path) -> None:
     assert after_misses and set(after_misses) == {"MISS"}
     # The field is real: the fixed bytes miss at first (once per connection at most), then hit.
     assert after_hits.count("MISS") <= 2 and after_hits.count("HIT") > 10
+
+
+@needs_wrk
+def test_v2_image_scenario_really_misses_the_cache(tmp_path: Path) -> None:
+    # Its nonces keep every element's stated length true (else: 400s) and new (else: hits).
+    server = start_web(tmp_path, WEB_CONCURRENCY="1")
+    try:
+        body, header = v2_image_body(digit_png(28), 32)
+        scenario = Scenario(
+            "v2", "POST", V2_INFER, "padded", "application/octet-stream", body, 32, header=header
+        )
+        body_file = tmp_path / "v2.bin"
+        body_file.write_bytes(body)
+        summaries = [wrk(server.url, scenario, 2, 1.0, body_file) for _ in range(2)]
+        time.sleep(0.5)  # requests in flight when wrk stopped
+        metrics = requests.get(f"{server.url}/metrics", timeout=5).text
+    finally:
+        stop(server.process)
+    answered = sum(s["requests"] for s in summaries)
+    assert answered > 0 and all(s["status"] == 0 for s in summaries)
+    assert total(metrics, "mnist_cache_lookups_total", result="hit") == 0
+    assert total(metrics, "mnist_cache_lookups_total", result="miss") >= 32 * answered
 
 
 def caches(records: list[dict[str, object]]) -> list[object]:
