@@ -67,6 +67,13 @@ class Router(Protocol):
     def roles(self) -> dict[str, str]:
         """`{version: "stable"|"candidate"}` for GET /models."""
 
+    def observe(self, version: str, answered: int, low_confidence: int, errors: int) -> None:
+        """Count what `version` just did (answers, low-confidence answers, failed inferences)
+        for the guard; cheap, in-process."""
+
+    def record_feedback(self, version: str, correct: bool) -> None:
+        """Count one feedback on `version`'s answer (feeds the bandit and the guard)."""
+
 
 @dataclass
 class SingleRouter:
@@ -86,6 +93,12 @@ class SingleRouter:
     def roles(self) -> dict[str, str]:
         """Only a stable version."""
         return {self.version: "stable"}
+
+    def observe(self, version: str, answered: int, low_confidence: int, errors: int) -> None:
+        """Nothing to guard with one version."""
+
+    def record_feedback(self, version: str, correct: bool) -> None:
+        """Nothing to learn with one version."""
 
 
 @dataclass
@@ -204,7 +217,12 @@ class PredictionService:
             fresh: dict[str, Prediction] = {}
             started = time.perf_counter()
             batch = np.stack(images)
-            probabilities = model.predict(batch)
+            try:
+                probabilities = model.predict(batch)
+            except Exception:
+                # The guard compares error rates per version: a failing candidate is rolled back.
+                self.router.observe(model.version, 0, 0, len(images))
+                raise
             metrics.INFERENCE_SECONDS.labels(model_version=model.full_version).observe(
                 time.perf_counter() - started
             )
@@ -218,9 +236,11 @@ class PredictionService:
             self.cache.set_many(fresh)
         answered = [result for result in results if result is not None]
         assert len(answered) == len(uploads), "every upload gets an answer or an error"
-        metrics.record_answers(
-            [item for item in answered if isinstance(item, dict)], self.low_confidence_threshold
-        )
+        given = [item for item in answered if isinstance(item, dict)]
+        metrics.record_answers(given, self.low_confidence_threshold)
+        if given:
+            low = sum(item["probabilidad"] < self.low_confidence_threshold for item in given)
+            self.router.observe(model.version, len(given), low, 0)
         return answered
 
     def _score_in_shadow(
