@@ -291,7 +291,7 @@ def test_the_deployment_routes_are_documented(api: FlaskClient) -> None:
 def test_the_deployment_info_metric_follows_changes(
     api: FlaskClient, two_versions: tuple[Path, str, str]
 ) -> None:
-    _, stable, bad = two_versions
+    bad = two_versions[2]
     body = api.put(
         "/deployment", json={"strategy": "shadow", "candidate": bad}, headers=ADMIN_HEADERS
     ).get_json()
@@ -737,7 +737,7 @@ def test_an_unexpected_upload_error_counts_against_its_version(
     """The guard's error signal: an inference that raises is counted for its version."""
     router: DeploymentRouter = deploy_app.extensions[ROUTER]
     manager: DeploymentManager = deploy_app.extensions[DEPLOYMENTS]
-    _, stable, bad = two_versions
+    bad = two_versions[2]
     router.use(
         manager.apply(
             {
