@@ -166,6 +166,7 @@ class DeploymentRouter:
             with self._lock:
                 self._synced = {}
         self._deployment = served
+        metrics.set_model_version(self._full_version(served.stable))
         metrics.set_deployment(
             served.id,
             served.strategy,

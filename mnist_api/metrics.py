@@ -86,7 +86,7 @@ IN_FLIGHT = Gauge(
 )
 MODEL_INFO = Gauge(
     "mnist_model_info",
-    "Always 1; the label says which model version this service runs.",
+    "1 for the stable model version of this service (0: an earlier stable, until restart).",
     ["model_version"],
     multiprocess_mode="livemax",
     registry=None,
@@ -230,9 +230,17 @@ def _bearer_token_required(token: str) -> Callable[[View], View]:
     return decorate
 
 
+_model_version: list[str] = []
+
+
 def set_model_version(model_version: str) -> None:
-    """Publish which model this process serves."""
+    """Publish which model is stable in this process; an earlier stable's series goes to 0
+    (select `mnist_model_info == 1`)."""
+    if _model_version and _model_version[0] != model_version:
+        MODEL_INFO.labels(model_version=_model_version[0]).set(0)
+        MODEL_INFO.remove(_model_version[0])
     MODEL_INFO.labels(model_version=model_version).set(1)
+    _model_version[:] = [model_version]
 
 
 def init_app(app: Flask, multiprocess: bool, token: str = "") -> None:
