@@ -245,10 +245,13 @@ class DeploymentRouter:
                     self._pending[key] = min(self._pending[key] + count, _MAX_PENDING)
             raise
         with self._lock:  # until the next read, the flushed counts stay visible here
+            # A new mapping, swapped in whole: `route()` reads `_synced` without the lock.
+            merged = {version: dict(fields) for version, fields in self._synced.items()}
             for (deployment_id, version, name), count in pending.items():
                 if deployment_id == self._deployment.id:
-                    fields = self._synced.setdefault(version, {})
+                    fields = merged.setdefault(version, {})
                     fields[name] = fields.get(name, 0) + count
+            self._synced = merged
 
     def _judge(self, stored: Deployment) -> None:
         """The guard, then auto-promotion, on the counts of every worker."""

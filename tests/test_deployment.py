@@ -765,3 +765,27 @@ def test_an_unexpected_upload_error_counts_against_its_version(
     finally:
         model.predict = original
     assert router._stats(router.deployment.id, bad).errors == 1
+
+
+def test_the_deployment_routes_count_against_the_per_key_rate_limit(
+    two_versions: tuple[Path, str, str],
+) -> None:
+    settings = Settings(
+        api_keys=API_KEYS,
+        admin_api_keys=(ADMIN,),
+        models_dir=two_versions[0],
+        rate_limit="2/minute",
+        log_format="text",
+        log_level="ERROR",
+    )
+    application = create_app(settings, load_model=False)
+    try:
+        client = application.test_client()
+        codes = [client.get("/deployment", headers=USER_HEADERS).status_code for _ in range(3)]
+        assert codes == [200, 200, 429]
+        limited = client.put("/deployment", json={}, headers=ADMIN_HEADERS)
+        for _ in range(2):
+            limited = client.put("/deployment", json={}, headers=ADMIN_HEADERS)
+        assert (limited.status_code, limited.get_json()["code"]) == (429, "rate_limited")
+    finally:
+        application.extensions[ROUTER].close()
