@@ -180,16 +180,23 @@ class PredictionService:
         return result
 
     def predict_many(
-        self, uploads: list[bytes], *, client: str = "", version: str | None = None
+        self,
+        uploads: list[bytes],
+        *,
+        client: str = "",
+        version: str | None = None,
+        route: Route | None = None,
     ) -> list[Prediction | ServiceError]:
         """Predict a batch: one cache round trip, one interpreter call for all the misses.
 
-        The whole batch goes to one version: `version` when pinned, else the deployment's
+        The whole batch goes to one version: `version` when pinned, else `route` when the
+        caller already chose it (so a shadow still scores the batch), else the deployment's
         choice for `client`. A bad upload yields its error in its place; identical uploads
         are computed once.
         """
         self._require_ready()
-        route = self.route_for(client, version)
+        if route is None or version:
+            route = self.route_for(client, version)
         model = self.registry.get(route.answer)
         keys = [self.key_for(data, model) for data in uploads]
         results: list[Prediction | ServiceError | None] = [

@@ -207,9 +207,17 @@ def test_shadow_answers_from_stable_and_counts_one_agreement_per_miss(
     misses = [unique_png(digit % 10) for digit in range(25)]
     answered = [predict(server, data=data) for data in misses]
     answered += [predict(server, data=data) for data in misses[:10]]  # cache hits: not scored
+    batch = requests.post(
+        f"{server.url}/predict/batch",
+        files=[("files", (f"{n}.png", unique_png(n), "image/png")) for n in range(5)],
+        headers={"x-api-key": KEYS[0]},
+        timeout=TIMEOUT,
+    )
+    assert batch.status_code == 200, batch.text
+    answered.append(batch.json()["model_version"])
     assert set(answered) == {full(stable)}
     after = metric_total(server, "mnist_shadow_predictions_total", **labels)
-    assert after - before == len(misses)
+    assert after - before == len(misses) + 5
     disagreed = metric_total(server, "mnist_shadow_predictions_total", agree="false", **labels)
     assert disagreed > 0  # the bad model guesses: it cannot agree with stable every time
 
