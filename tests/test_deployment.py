@@ -23,7 +23,7 @@ from apiflask import APIFlask
 from flask.testing import FlaskClient
 
 from mnist_api import create_app, metrics
-from mnist_api.config import PROJECT_ROOT, Settings
+from mnist_api.config import PROJECT_ROOT, ConfigError, Settings
 from mnist_api.deployment import Deployment, GuardSettings, ab_position
 from mnist_api.deployment_manager import DeploymentManager
 from mnist_api.deployment_router import AutoPromote, DeploymentRouter
@@ -789,3 +789,24 @@ def test_the_deployment_routes_count_against_the_per_key_rate_limit(
         assert (limited.status_code, limited.get_json()["code"]) == (429, "rate_limited")
     finally:
         application.extensions[ROUTER].close()
+
+
+def test_deployment_settings_from_the_environment() -> None:
+    settings = Settings.from_env(
+        {
+            "API_KEYS": "one,two",
+            "ADMIN_API_KEYS": "boss, two",
+            "AUTO_PROMOTE": "1",
+            "GUARD_MIN_REQUESTS": "50",
+            "GUARD_MAX_LOW_CONFIDENCE_DELTA": "0.2",
+        }
+    )
+    assert settings.api_keys == ("one", "two", "boss")  # an admin key is an API key too
+    assert settings.admin_api_keys == ("boss", "two")
+    assert settings.auto_promote is True
+    assert (settings.guard_min_requests, settings.guard_max_low_confidence_delta) == (50, 0.2)
+    assert Settings.from_env({}).auto_promote is False
+    with pytest.raises(ConfigError, match="GUARD_MAX_ERROR_DELTA"):
+        Settings.from_env({"API_KEY": "k", "GUARD_MAX_ERROR_DELTA": "5"}).validate()
+    with pytest.raises(ConfigError, match="GUARD_MIN_REQUESTS"):
+        Settings.from_env({"GUARD_MIN_REQUESTS": "0"})
