@@ -11,13 +11,17 @@ from loguru import logger
 from mnist_api import error_handlers, extensions, metrics, rate_limits, request_context, schemas
 from mnist_api.cache import CacheHooks, build_cache
 from mnist_api.config import PROJECT_ROOT, Settings
+from mnist_api.deployment_manager import DeploymentManager
+from mnist_api.deployment_router import AutoPromote, DeploymentRouter
 from mnist_api.job_store import build_job_store
 from mnist_api.jobs import JobService
 from mnist_api.logs import configure_logging
+from mnist_api.model import MODEL_NAME
 from mnist_api.preprocessing import ALLOWED_CONTENT_TYPES, Limits
 from mnist_api.registry import ModelRegistry
 from mnist_api.routes import api, ops, v2, web
-from mnist_api.service import PredictionService, SingleRouter
+from mnist_api.routes import deployment as deployment_routes
+from mnist_api.service import PredictionService
 from mnist_api.tasks import celery_init_app
 
 API_VERSION = "1.0.0"
@@ -54,11 +58,12 @@ def create_app(settings: Settings | None = None, *, load_model: bool = True) -> 
         settings, CacheHooks(metrics.record_cache_lookups, metrics.set_cache_degraded)
     )
     app.extensions[extensions.CACHE] = cache
+    router = _deployment_router(app, settings, registry)
     service = app.extensions[extensions.SERVICE] = PredictionService(
         registry,
         Limits(max_pixels=settings.max_image_pixels),
         cache,
-        SingleRouter(registry.default_version(settings.default_model_version)),
+        router,
         low_confidence_threshold=settings.low_confidence_threshold,
     )
 
@@ -88,7 +93,8 @@ def create_app(settings: Settings | None = None, *, load_model: bool = True) -> 
     )
     request_context.init_app(app)
     error_handlers.init_app(app)
-    rate_limits.init_app(app, settings, limited=(api.bp, v2.bp))
+    # The keyed routes count against the same per-key limit.
+    rate_limits.init_app(app, settings, limited=(api.bp, v2.bp, deployment_routes.bp))
     metrics.init_app(
         app,
         multiprocess=bool(settings.prometheus_multiproc_dir),
@@ -99,6 +105,7 @@ def create_app(settings: Settings | None = None, *, load_model: bool = True) -> 
     app.register_blueprint(web.bp)
     app.register_blueprint(v2.public_bp)
     app.register_blueprint(v2.bp)
+    app.register_blueprint(deployment_routes.bp)
     app.spec_processor(_document_raw_uploads)
 
     if load_model:
@@ -114,7 +121,31 @@ def create_app(settings: Settings | None = None, *, load_model: bool = True) -> 
             len(registry.versions()),
             ", ".join(registry.versions()),
         )
+    metrics.prepare_versions([f"{MODEL_NAME}-{version}" for version in registry.versions()])
+    router.start()
     return app
+
+
+def _deployment_router(
+    app: APIFlask, settings: Settings, registry: ModelRegistry
+) -> DeploymentRouter:
+    """The deployment (Redis with REDIS_URL, else the process) and this worker's router."""
+    manager = DeploymentManager.from_settings(
+        settings, registry.versions(), registry.default_version(settings.default_model_version)
+    )
+    app.extensions[extensions.DEPLOYMENTS] = manager
+    router = DeploymentRouter(
+        manager,
+        full_version=lambda version: f"{MODEL_NAME}-{version}",
+        refresh_seconds=settings.deployment_refresh_seconds,
+        auto_promote=AutoPromote(
+            settings.auto_promote,
+            settings.auto_promote_min_feedback,
+            settings.auto_promote_probability,
+        ),
+    )
+    app.extensions[extensions.ROUTER] = router
+    return router
 
 
 def _flask_config(settings: Settings) -> dict[str, Any]:

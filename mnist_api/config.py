@@ -107,6 +107,17 @@ class Settings:
     prometheus_multiproc_dir: str = ""
     metrics_token: str = ""
     low_confidence_threshold: float = 0.6
+    # Deployments (issue 12): admin keys may change the deployment; they are API keys too.
+    admin_api_keys: tuple[str, ...] = ()
+    deployment_refresh_seconds: float = 1.0  # how often a worker re-reads the deployment
+    guard_min_requests: int = 200
+    guard_max_low_confidence_delta: float = 0.10
+    guard_max_error_delta: float = 0.02
+    guard_min_feedback: int = 50
+    guard_max_accuracy_drop: float = 0.05
+    auto_promote: bool = False
+    auto_promote_min_feedback: int = 200
+    auto_promote_probability: float = 0.95
     # Server (read by gunicorn.conf.py)
     port: int = 8000
     web_concurrency: int = 2
@@ -149,12 +160,37 @@ class Settings:
             low_confidence_threshold=_float(
                 env, "LOW_CONFIDENCE_THRESHOLD", cls.low_confidence_threshold
             ),
+            admin_api_keys=_list(env, "ADMIN_API_KEYS"),
+            deployment_refresh_seconds=_float(
+                env, "DEPLOYMENT_REFRESH_SECONDS", cls.deployment_refresh_seconds
+            ),
+            guard_min_requests=_int(env, "GUARD_MIN_REQUESTS", cls.guard_min_requests, 1),
+            guard_max_low_confidence_delta=_float(
+                env, "GUARD_MAX_LOW_CONFIDENCE_DELTA", cls.guard_max_low_confidence_delta
+            ),
+            guard_max_error_delta=_float(env, "GUARD_MAX_ERROR_DELTA", cls.guard_max_error_delta),
+            guard_min_feedback=_int(env, "GUARD_MIN_FEEDBACK", cls.guard_min_feedback, 1),
+            guard_max_accuracy_drop=_float(
+                env, "GUARD_MAX_ACCURACY_DROP", cls.guard_max_accuracy_drop
+            ),
+            auto_promote=_text(env, "AUTO_PROMOTE", "0").lower() in ("1", "true", "yes", "on"),
+            auto_promote_min_feedback=_int(
+                env, "AUTO_PROMOTE_MIN_FEEDBACK", cls.auto_promote_min_feedback, 1
+            ),
+            auto_promote_probability=_float(
+                env, "AUTO_PROMOTE_PROBABILITY", cls.auto_promote_probability
+            ),
             port=_int(env, "PORT", cls.port, 1),
             web_concurrency=_int(env, "WEB_CONCURRENCY", cls.web_concurrency, 1),
             threads=_int(env, "GUNICORN_THREADS", cls.threads, 1),
             timeout=_int(env, "GUNICORN_TIMEOUT", cls.timeout, 1),
             max_requests=_int(env, "GUNICORN_MAX_REQUESTS", cls.max_requests, 0),
         )
+
+    def __post_init__(self) -> None:
+        # An admin key is also an API key: one list for authentication, one for admin rights.
+        merged = tuple(dict.fromkeys(self.api_keys + self.admin_api_keys))
+        object.__setattr__(self, "api_keys", merged)
 
     def replace(self, **changes: object) -> Settings:
         """A copy with some fields changed (for tests and tools)."""
@@ -169,6 +205,16 @@ class Settings:
             )
         if self.log_format not in ("json", "text"):
             raise ConfigError(f"LOG_FORMAT must be 'json' or 'text', got {self.log_format!r}")
+        for name, value in (
+            ("GUARD_MAX_LOW_CONFIDENCE_DELTA", self.guard_max_low_confidence_delta),
+            ("GUARD_MAX_ERROR_DELTA", self.guard_max_error_delta),
+            ("GUARD_MAX_ACCURACY_DROP", self.guard_max_accuracy_drop),
+            ("AUTO_PROMOTE_PROBABILITY", self.auto_promote_probability),
+        ):
+            if not 0 <= value <= 1:
+                raise ConfigError(f"{name} must be a number from 0 to 1, got {value}")
+        if self.deployment_refresh_seconds <= 0:
+            raise ConfigError("DEPLOYMENT_REFRESH_SECONDS must be above 0")
         if not _has_model_version(self.models_dir):
             raise ConfigError(
                 f"MODELS_DIR ({self.models_dir}) holds no model version folder "

@@ -137,3 +137,12 @@ class InvalidInferenceRequest(ServiceError):
     status = 400
     code = "invalid_inference_request"
     message = "The inference request does not follow the Open Inference Protocol."
+
+
+class DeploymentStoreUnavailable(ServiceError):
+    status = 503
+    code = "deployment_unavailable"
+    message = (
+        "The deployment store (Redis) is unavailable right now; nothing was changed. "
+        "Traffic is still served with the last known deployment; retry shortly."
+    )

@@ -14,6 +14,8 @@ from mnist_api.registry import ModelRegistry
 from mnist_api.service import PredictionService
 
 if TYPE_CHECKING:
+    from mnist_api.deployment_manager import DeploymentManager
+    from mnist_api.deployment_router import DeploymentRouter
     from mnist_api.jobs import JobService
 
 SETTINGS = "mnist_settings"
@@ -22,6 +24,8 @@ SERVICE = "mnist_service"
 CACHE = "mnist_cache"
 JOB_STORE = "mnist_job_store"
 JOBS = "mnist_jobs"
+DEPLOYMENTS = "mnist_deployments"
+ROUTER = "mnist_router"
 
 
 def get_settings() -> Settings:
@@ -63,3 +67,15 @@ def get_jobs() -> JobService:
     """This app's async job service."""
     jobs: JobService = current_app.extensions[JOBS]
     return jobs
+
+
+def get_deployments() -> DeploymentManager:
+    """Reads and changes the deployment (admin routes)."""
+    manager: DeploymentManager = current_app.extensions[DEPLOYMENTS]
+    return manager
+
+
+def get_router() -> DeploymentRouter:
+    """This process's deployment router (the feedback route calls `record_feedback`)."""
+    router: DeploymentRouter = current_app.extensions[ROUTER]
+    return router

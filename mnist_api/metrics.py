@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import hmac
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -54,19 +55,21 @@ CACHE_DEGRADED = Gauge(
 )
 PREDICTIONS = Counter(
     "mnist_predictions",
-    "Answered predictions by predicted digit (cache hits included).",
-    ["digit"],
+    "Answered predictions by predicted digit and answering version (cache hits included).",
+    ["digit", "model_version"],
     registry=None,
 )
 CONFIDENCE = Histogram(
     "mnist_prediction_confidence",
-    "Top probability of each answered prediction.",
+    "Top probability of each answered prediction, by answering version.",
+    ["model_version"],
     buckets=(0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0),
     registry=None,
 )
 LOW_CONFIDENCE = Counter(
     "mnist_low_confidence_predictions",
-    "Answers whose top probability is below LOW_CONFIDENCE_THRESHOLD.",
+    "Answers whose top probability is below LOW_CONFIDENCE_THRESHOLD, by answering version.",
+    ["model_version"],
     registry=None,
 )
 ERRORS = Counter(
@@ -83,7 +86,7 @@ IN_FLIGHT = Gauge(
 )
 MODEL_INFO = Gauge(
     "mnist_model_info",
-    "Always 1; the label says which model version this service runs.",
+    "1 for the stable model version of this service (0: an earlier stable, until restart).",
     ["model_version"],
     multiprocess_mode="livemax",
     registry=None,
@@ -95,6 +98,34 @@ SHADOW_PREDICTIONS = Counter(
     ["stable", "candidate", "agree"],
     registry=None,
 )
+
+ANSWER_SECONDS = Histogram(
+    "mnist_answer_seconds",
+    "Latency of requests answered by a model version (whole request; cache hits included).",
+    ["model_version"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+    registry=None,
+)
+DEPLOYMENT_INFO = Gauge(
+    "mnist_deployment_info",
+    "1 for the deployment in force (strategy, stable and candidate versions); an earlier "
+    "deployment's label set stays at 0 until its worker exits: select == 1.",
+    ["id", "strategy", "stable", "candidate"],
+    multiprocess_mode="livemax",
+    registry=None,
+)
+GUARD_ROLLBACKS = Counter(
+    "mnist_guard_rollbacks",
+    "Candidates the guard rolled back by itself, by the signal that was worse.",
+    ["signal"],
+    registry=None,
+)
+AUTO_PROMOTIONS = Counter(
+    "mnist_auto_promotions",
+    "Candidates promoted by themselves on feedback (AUTO_PROMOTE=1).",
+    registry=None,
+)
+GUARD_SIGNALS = ("low_confidence", "errors", "accuracy")
 
 ALL = (
     INFERENCE_SECONDS,
@@ -108,6 +139,10 @@ ALL = (
     IN_FLIGHT,
     MODEL_INFO,
     SHADOW_PREDICTIONS,
+    ANSWER_SECONDS,
+    DEPLOYMENT_INFO,
+    GUARD_ROLLBACKS,
+    AUTO_PROMOTIONS,
 )
 
 View = TypeVar("View", bound=Callable[..., Any])
@@ -117,10 +152,11 @@ def record_answers(answers: Sequence[dict[str, Any]], low_confidence_threshold: 
     """Count answered predictions by digit and confidence."""
     for answer in answers:
         confidence = float(answer["probabilidad"])
-        PREDICTIONS.labels(digit=str(answer["prediccion"])).inc()
-        CONFIDENCE.observe(confidence)
+        version = str(answer.get("model_version", ""))
+        PREDICTIONS.labels(digit=str(answer["prediccion"]), model_version=version).inc()
+        CONFIDENCE.labels(model_version=version).observe(confidence)
         if confidence < low_confidence_threshold:
-            LOW_CONFIDENCE.inc()
+            LOW_CONFIDENCE.labels(model_version=version).inc()
 
 
 def record_shadow(stable: str, candidate: str, agreements: Sequence[bool]) -> None:
@@ -132,6 +168,37 @@ def record_shadow(stable: str, candidate: str, agreements: Sequence[bool]) -> No
         SHADOW_PREDICTIONS.labels(stable=stable, candidate=candidate, agree="false").inc(
             len(agreements) - agreed
         )
+
+
+def prepare_versions(model_versions: Sequence[str]) -> None:
+    """Create every installed version's per-version series at 0, so a fresh /metrics (and
+    the dashboard) has them before the first answer; also the guard's counters."""
+    for version in model_versions:
+        ANSWER_SECONDS.labels(model_version=version)
+        CONFIDENCE.labels(model_version=version)
+        LOW_CONFIDENCE.labels(model_version=version)
+        for other in model_versions:
+            if other != version:  # every pair a shadow could score
+                for agree in ("true", "false"):
+                    SHADOW_PREDICTIONS.labels(stable=version, candidate=other, agree=agree)
+    for signal in GUARD_SIGNALS:
+        GUARD_ROLLBACKS.labels(signal=signal)
+    AUTO_PROMOTIONS.inc(0)
+
+
+_deployment_labels: dict[str, str] = {}
+
+
+def set_deployment(deployment_id: str, strategy: str, stable: str, candidate: str) -> None:
+    """Publish the deployment in force; the previous label set goes to 0 (in multiprocess
+    mode a sample cannot be deleted from the worker's file, only overwritten)."""
+    labels = {"id": deployment_id, "strategy": strategy, "stable": stable, "candidate": candidate}
+    if _deployment_labels and _deployment_labels != labels:
+        DEPLOYMENT_INFO.labels(**_deployment_labels).set(0)
+        DEPLOYMENT_INFO.remove(*_deployment_labels.values())
+    DEPLOYMENT_INFO.labels(**labels).set(1)
+    _deployment_labels.clear()
+    _deployment_labels.update(labels)
 
 
 def record_cache_lookups(result: str, count: int) -> None:
@@ -163,9 +230,17 @@ def _bearer_token_required(token: str) -> Callable[[View], View]:
     return decorate
 
 
+_model_version: list[str] = []
+
+
 def set_model_version(model_version: str) -> None:
-    """Publish which model this process serves."""
+    """Publish which model is stable in this process; an earlier stable's series goes to 0
+    (select `mnist_model_info == 1`)."""
+    if _model_version and _model_version[0] != model_version:
+        MODEL_INFO.labels(model_version=_model_version[0]).set(0)
+        MODEL_INFO.remove(_model_version[0])
     MODEL_INFO.labels(model_version=model_version).set(1)
+    _model_version[:] = [model_version]
 
 
 def init_app(app: Flask, multiprocess: bool, token: str = "") -> None:
@@ -195,3 +270,7 @@ def init_app(app: Flask, multiprocess: bool, token: str = "") -> None:
         code = g.get("error_code")
         if code:
             ERRORS.labels(code=code).inc()
+        version = g.get("model_version")
+        started = g.get("started")
+        if version and started is not None and code is None:
+            ANSWER_SECONDS.labels(model_version=version).observe(time.perf_counter() - started)

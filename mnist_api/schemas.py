@@ -180,3 +180,111 @@ class LocationHeader(Schema):
     """Response headers of /predict_async."""
 
     location = String(data_key="Location", metadata={"description": "the status URL"})
+
+
+def documents_json_body(schema: type[Schema]) -> Callable[[View], View]:
+    """Document a JSON request body that the view parses and validates itself (so a
+    non-admin key gets 403 before its body is looked at, and errors keep the contract's
+    codes)."""
+
+    def annotate(view: View) -> View:
+        spec = view.__dict__.setdefault("_spec", {})
+        spec.update(
+            body=schema(), body_example=None, body_examples=None, content_type="application/json"
+        )
+        return view
+
+    return annotate
+
+
+STRATEGY_HELP = (
+    "single: stable answers everything; shadow: stable answers, the candidate also scores "
+    "every miss off the answer; canary: the candidate answers a random candidate_share; ab: "
+    "sticky per API key, a key is in the candidate group when hash(key fingerprint, "
+    "deployment id) < candidate_share; bandit: Thompson sampling on feedback, never below "
+    "min_share for either"
+)
+
+
+class DeploymentGuard(Schema):
+    """When the guard rolls the candidate back (canary, ab, bandit)."""
+
+    enabled = Boolean(metadata={"description": "false turns the guard off for this deployment"})
+    min_requests = Integer(
+        validate=Range(min=1), metadata={"description": "answers per version before judging"}
+    )
+    max_low_confidence_delta = Float(
+        validate=Range(0, 1),
+        metadata={"description": "allowed excess share of low-confidence answers"},
+    )
+    max_error_delta = Float(
+        validate=Range(0, 1), metadata={"description": "allowed excess inference error rate"}
+    )
+    min_feedback = Integer(
+        validate=Range(min=1), metadata={"description": "feedback per version before judging"}
+    )
+    max_accuracy_drop = Float(
+        validate=Range(0, 1), metadata={"description": "allowed drop of feedback accuracy"}
+    )
+
+
+class DeploymentChange(Schema):
+    """The fields of the deployment to set (all optional; versions short or full form)."""
+
+    strategy = String(
+        validate=OneOf(["single", "shadow", "canary", "ab", "bandit"]),
+        metadata={"description": STRATEGY_HELP, "example": "canary"},
+    )
+    stable = String(metadata={"example": "fe5e4f4d480b"})
+    candidate = String(allow_none=True, metadata={"example": "3f2a9c1b7d4e"})
+    candidate_share = Float(validate=Range(0, 1), metadata={"example": 0.1})
+    min_share = Float(validate=Range(0, 0.5), metadata={"example": 0.05})
+    guard = Nested(DeploymentGuard)
+
+
+class DeploymentState(Schema):
+    """The deployment in force."""
+
+    id = String(required=True, metadata={"description": "new on every change"})
+    strategy = String(required=True, metadata={"description": STRATEGY_HELP})
+    stable = String(required=True, metadata={"example": "fe5e4f4d480b"})
+    candidate = String(required=True, allow_none=True)
+    candidate_share = Float(required=True)
+    min_share = Float(required=True)
+    guard = Nested(DeploymentGuard, required=True)
+    updated_at = String(required=True, metadata={"description": "ISO 8601, UTC"})
+    updated_by = String(
+        required=True,
+        metadata={"description": "key fingerprint of the admin, `cli`, `guard` or `default`"},
+    )
+    previous_stable = String(
+        allow_none=True, metadata={"description": "what POST /deployment/rollback brings back"}
+    )
+
+
+class DeploymentHistoryEntry(Schema):
+    """One change of the deployment."""
+
+    reason = String(
+        required=True,
+        validate=OneOf(["manual", "promote", "rollback", "guard", "auto_promote"]),
+    )
+    detail = String(required=True, metadata={"description": "why, for guard and auto_promote"})
+    updated_by = String(required=True)
+    updated_at = String(required=True)
+    deployment = Nested(DeploymentState, required=True)
+
+
+class DeploymentHistory(Schema):
+    """The last changes, newest first."""
+
+    history = List(Nested(DeploymentHistoryEntry), required=True)
+
+
+class HistoryQuery(Schema):
+    """`?limit=`: how many changes (1-100, default 20)."""
+
+    class Meta:
+        unknown = INCLUDE
+
+    limit = String(metadata={"description": "1 to 100 (default 20)"})

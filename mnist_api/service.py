@@ -67,6 +67,13 @@ class Router(Protocol):
     def roles(self) -> dict[str, str]:
         """`{version: "stable"|"candidate"}` for GET /models."""
 
+    def observe(self, version: str, answered: int, low_confidence: int, errors: int) -> None:
+        """Count what `version` just did (answers, low-confidence answers, failed inferences)
+        for the guard; cheap, in-process."""
+
+    def record_feedback(self, version: str, correct: bool) -> None:
+        """Count one feedback on `version`'s answer (feeds the bandit and the guard)."""
+
 
 @dataclass
 class SingleRouter:
@@ -86,6 +93,12 @@ class SingleRouter:
     def roles(self) -> dict[str, str]:
         """Only a stable version."""
         return {self.version: "stable"}
+
+    def observe(self, version: str, answered: int, low_confidence: int, errors: int) -> None:
+        """Nothing to guard with one version."""
+
+    def record_feedback(self, version: str, correct: bool) -> None:
+        """Nothing to learn with one version."""
 
 
 @dataclass
@@ -167,16 +180,23 @@ class PredictionService:
         return result
 
     def predict_many(
-        self, uploads: list[bytes], *, client: str = "", version: str | None = None
+        self,
+        uploads: list[bytes],
+        *,
+        client: str = "",
+        version: str | None = None,
+        route: Route | None = None,
     ) -> list[Prediction | ServiceError]:
         """Predict a batch: one cache round trip, one interpreter call for all the misses.
 
-        The whole batch goes to one version: `version` when pinned, else the deployment's
+        The whole batch goes to one version: `version` when pinned, else `route` when the
+        caller already chose it (so a shadow still scores the batch), else the deployment's
         choice for `client`. A bad upload yields its error in its place; identical uploads
         are computed once.
         """
         self._require_ready()
-        route = self.route_for(client, version)
+        if route is None or version:
+            route = self.route_for(client, version)
         model = self.registry.get(route.answer)
         keys = [self.key_for(data, model) for data in uploads]
         results: list[Prediction | ServiceError | None] = [
@@ -204,7 +224,12 @@ class PredictionService:
             fresh: dict[str, Prediction] = {}
             started = time.perf_counter()
             batch = np.stack(images)
-            probabilities = model.predict(batch)
+            try:
+                probabilities = model.predict(batch)
+            except Exception:
+                # The guard compares error rates per version: a failing candidate is rolled back.
+                self.router.observe(model.version, 0, 0, len(images))
+                raise
             metrics.INFERENCE_SECONDS.labels(model_version=model.full_version).observe(
                 time.perf_counter() - started
             )
@@ -218,10 +243,15 @@ class PredictionService:
             self.cache.set_many(fresh)
         answered = [result for result in results if result is not None]
         assert len(answered) == len(uploads), "every upload gets an answer or an error"
-        metrics.record_answers(
-            [item for item in answered if isinstance(item, dict)], self.low_confidence_threshold
-        )
+        self._count_answers(model, [item for item in answered if isinstance(item, dict)])
         return answered
+
+    def _count_answers(self, model: DigitModel, answers: list[Prediction]) -> None:
+        """Metrics per digit, confidence and version, and the guard's per-version counts."""
+        metrics.record_answers(answers, self.low_confidence_threshold)
+        if answers:
+            low = sum(item["probabilidad"] < self.low_confidence_threshold for item in answers)
+            self.router.observe(model.version, len(answers), low, 0)
 
     def predict_pixels(
         self, images: np.ndarray, *, client: str = "", version: str | None = None
@@ -243,7 +273,11 @@ class PredictionService:
         for start in range(0, len(images), chunk):
             batch = images[start : start + chunk]
             started = time.perf_counter()
-            probabilities = model.predict(batch)
+            try:
+                probabilities = model.predict(batch)
+            except Exception:
+                self.router.observe(model.version, 0, 0, len(batch))  # the guard's error rate
+                raise
             metrics.INFERENCE_SECONDS.labels(model_version=model.full_version).observe(
                 time.perf_counter() - started
             )
@@ -252,12 +286,16 @@ class PredictionService:
             parts.append(probabilities)
         answered = np.concatenate(parts) if parts else np.zeros((0, NUM_CLASSES))
         digits = np.argmax(answered, axis=1)
-        metrics.record_answers(
+        self._count_answers(
+            model,
             [
-                {"prediccion": int(digit), "probabilidad": float(row[digit])}
+                {
+                    "prediccion": int(digit),
+                    "probabilidad": float(row[digit]),
+                    "model_version": model.full_version,
+                }
                 for digit, row in zip(digits, answered, strict=True)
             ],
-            self.low_confidence_threshold,
         )
         return model, answered
 

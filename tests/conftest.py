@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -110,3 +112,31 @@ def start_worker(redis_server: RedisServer, tmp_path: Path) -> Iterator[Callable
     yield start
     for worker in workers:
         worker.stop()
+
+
+@pytest.fixture(scope="session")
+def two_versions(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
+    """A models folder with every committed version plus a real, deliberately bad one.
+
+    Returns (folder, stable, bad): `stable` is the committed default version, `bad` a
+    `.tflite` trained on shuffled labels (tests/bad_model.py), which answers with near-
+    uniform, low-confidence guesses. Trained once per session, in a subprocess.
+    """
+    from mnist_api.registry import ModelRegistry  # noqa: PLC0415 - only for this fixture
+
+    folder = tmp_path_factory.mktemp("models")
+    committed = PROJECT_ROOT / "models"
+    for version in ModelRegistry.discover(committed).versions():
+        shutil.copytree(committed / version, folder / version)
+    stable = ModelRegistry.discover(committed).newest
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.bad_model", str(folder)],
+        cwd=PROJECT_ROOT,
+        env=venv_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    bad = result.stdout.strip().splitlines()[-1]
+    return folder, stable, bad

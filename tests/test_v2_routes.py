@@ -336,6 +336,12 @@ class ShadowRouter:
     def roles(self) -> dict[str, str]:
         return {self.answer: "stable", self.shadow: "candidate"}
 
+    def observe(self, version: str, answered: int, low_confidence: int, errors: int) -> None:
+        return None
+
+    def record_feedback(self, version: str, correct: bool) -> None:
+        return None
+
 
 def test_pixels_are_scored_in_the_shadow_when_the_deployment_says_so(
     app: APIFlask, client: FlaskClient, auth: dict[str, str]

@@ -82,7 +82,7 @@ def predict_batch(query: dict[str, Any]) -> dict[str, Any]:
     # Decided once for the batch, so its answers and its `model_version` agree.
     route = service.route_for(_client(), _pinned_version())
     results = service.predict_many(
-        uploads.read_batch(request, settings.batch_max_files), version=route.answer
+        uploads.read_batch(request, settings.batch_max_files), route=route
     )
     predictions = [item if isinstance(item, dict) else item.to_dict() for item in results]
     g.model_version = service.registry.get(route.answer).full_version
