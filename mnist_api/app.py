@@ -11,12 +11,13 @@ from loguru import logger
 from mnist_api import error_handlers, extensions, metrics, rate_limits, request_context, schemas
 from mnist_api.cache import CacheHooks, build_cache
 from mnist_api.config import PROJECT_ROOT, Settings
+from mnist_api.feedback import FeedbackStore
 from mnist_api.job_store import build_job_store
 from mnist_api.jobs import JobService
 from mnist_api.logs import configure_logging
 from mnist_api.preprocessing import ALLOWED_CONTENT_TYPES, Limits
 from mnist_api.registry import ModelRegistry
-from mnist_api.routes import api, ops, web
+from mnist_api.routes import api, feedback, ops, web
 from mnist_api.service import PredictionService, SingleRouter
 from mnist_api.tasks import celery_init_app
 
@@ -65,6 +66,10 @@ def create_app(settings: Settings | None = None, *, load_model: bool = True) -> 
     app.extensions[extensions.JOB_STORE] = job_store = build_job_store(
         settings.redis_url, settings.result_expires_seconds
     )
+    # Connects lazily: a database that is down costs /feedback a 503, never the start.
+    app.extensions[extensions.FEEDBACK] = FeedbackStore.from_url(
+        settings.database_url, settings.database_timeout_seconds
+    )
     app.extensions[extensions.JOBS] = JobService(service, job_store, celery_init_app(app, settings))
 
     CORS(
@@ -76,13 +81,14 @@ def create_app(settings: Settings | None = None, *, load_model: bool = True) -> 
     )
     request_context.init_app(app)
     error_handlers.init_app(app)
-    rate_limits.init_app(app, settings, limited=api.bp)
+    rate_limits.init_app(app, settings, api.bp, feedback.bp)
     metrics.init_app(
         app,
         multiprocess=bool(settings.prometheus_multiproc_dir),
         token=settings.metrics_token,
     )
     app.register_blueprint(api.bp)
+    app.register_blueprint(feedback.bp)
     app.register_blueprint(ops.bp)
     app.register_blueprint(web.bp)
     app.spec_processor(_document_raw_uploads)
@@ -94,6 +100,7 @@ def create_app(settings: Settings | None = None, *, load_model: bool = True) -> 
             if model.card_mismatch():
                 logger.warning("model card of {} does not describe its file", model.version)
         metrics.set_model_version(service.model_version)
+        metrics.init_feedback([model.full_version for model in registry])
         logger.info(
             "model {} loaded and warmed up ({} installed: {})",
             service.model_version,

@@ -105,6 +105,9 @@ class Settings:
     prometheus_multiproc_dir: str = ""
     metrics_token: str = ""
     low_confidence_threshold: float = 0.6
+    # Feedback store (mnist_api/db.py): DATABASE_URL, or "" for the embedded SQLite file.
+    database_url: str = ""
+    database_timeout_seconds: float = 3.0
     # Server (read by gunicorn.conf.py)
     port: int = 8000
     web_concurrency: int = 2
@@ -145,6 +148,10 @@ class Settings:
             metrics_token=_text(env, "METRICS_TOKEN", ""),
             low_confidence_threshold=_float(
                 env, "LOW_CONFIDENCE_THRESHOLD", cls.low_confidence_threshold
+            ),
+            database_url=_text(env, "DATABASE_URL", ""),
+            database_timeout_seconds=_float(
+                env, "DATABASE_TIMEOUT_SECONDS", cls.database_timeout_seconds
             ),
             port=_int(env, "PORT", cls.port, 1),
             web_concurrency=_int(env, "WEB_CONCURRENCY", cls.web_concurrency, 1),

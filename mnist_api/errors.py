@@ -137,3 +137,12 @@ class InvalidInferenceRequest(ServiceError):
     status = 400
     code = "invalid_inference_request"
     message = "The inference request does not follow the Open Inference Protocol."
+
+
+class FeedbackUnavailable(ServiceError):
+    status = 503
+    code = "feedback_unavailable"
+    message = (
+        "The feedback store is unavailable right now; nothing was recorded. Predictions are "
+        "not affected. Retry shortly."
+    )

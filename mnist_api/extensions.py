@@ -14,6 +14,7 @@ from mnist_api.registry import ModelRegistry
 from mnist_api.service import PredictionService
 
 if TYPE_CHECKING:
+    from mnist_api.feedback import FeedbackStore
     from mnist_api.jobs import JobService
 
 SETTINGS = "mnist_settings"
@@ -22,6 +23,7 @@ SERVICE = "mnist_service"
 CACHE = "mnist_cache"
 JOB_STORE = "mnist_job_store"
 JOBS = "mnist_jobs"
+FEEDBACK = "mnist_feedback"
 
 
 def get_settings() -> Settings:
@@ -63,3 +65,9 @@ def get_jobs() -> JobService:
     """This app's async job service."""
     jobs: JobService = current_app.extensions[JOBS]
     return jobs
+
+
+def get_feedback_store() -> FeedbackStore:
+    """Where feedback is stored (the SQL database)."""
+    store: FeedbackStore = current_app.extensions[FEEDBACK]
+    return store

@@ -96,6 +96,14 @@ SHADOW_PREDICTIONS = Counter(
     registry=None,
 )
 
+FEEDBACK = Counter(
+    "mnist_feedback",
+    "Feedback received (POST /feedback, first label per key, image and version), by whether "
+    "the version's answer was right.",
+    ["model_version", "correct"],
+    registry=None,
+)
+
 ALL = (
     INFERENCE_SECONDS,
     PREPROCESS_SECONDS,
@@ -108,6 +116,7 @@ ALL = (
     IN_FLIGHT,
     MODEL_INFO,
     SHADOW_PREDICTIONS,
+    FEEDBACK,
 )
 
 View = TypeVar("View", bound=Callable[..., Any])
@@ -132,6 +141,19 @@ def record_shadow(stable: str, candidate: str, agreements: Sequence[bool]) -> No
         SHADOW_PREDICTIONS.labels(stable=stable, candidate=candidate, agree="false").inc(
             len(agreements) - agreed
         )
+
+
+def record_feedback(model_version: str, correct: bool) -> None:
+    """Count one new feedback on `model_version`'s answer."""
+    FEEDBACK.labels(model_version=model_version, correct=str(correct).lower()).inc()
+
+
+def init_feedback(model_versions: Sequence[str]) -> None:
+    """Create the feedback series at 0 for every installed version, so /metrics shows them
+    (and rate() has a starting point) before the first feedback arrives."""
+    for model_version in model_versions:
+        for correct in ("true", "false"):
+            FEEDBACK.labels(model_version=model_version, correct=correct)
 
 
 def record_cache_lookups(result: str, count: int) -> None:

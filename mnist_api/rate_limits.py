@@ -30,8 +30,13 @@ def rate_limit_key() -> str:
     return f"ip:{request.remote_addr or 'unknown'}"
 
 
-def init_app(app: Flask, settings: Settings, limited: APIBlueprint) -> Limiter | None:
-    """Trust the router's X-Forwarded-For, then limit the routes of `limited`."""
+def init_app(
+    app: Flask, settings: Settings, limited: APIBlueprint, *more: APIBlueprint
+) -> Limiter | None:
+    """Trust the router's X-Forwarded-For, then limit the routes of `limited` (and `more`).
+
+    Each blueprint has its own count per key (e.g. /feedback does not eat into /predict's).
+    """
     if settings.proxy_fix_x_for > 0:
         # Heroku's router (one hop) appends the client's address: without this every
         # request would come from the router and share one IP bucket.
@@ -56,5 +61,6 @@ def init_app(app: Flask, settings: Settings, limited: APIBlueprint) -> Limiter |
         in_memory_fallback_enabled=True,
         key_prefix="mnist-rl",
     )
-    limiter.limit(settings.rate_limit)(limited)
+    for blueprint in (limited, *more):
+        limiter.limit(settings.rate_limit)(blueprint)
     return limiter
