@@ -103,6 +103,16 @@ def propose_candidate(proposal: Proposal, *, by: str, reason: str = "manual") ->
     return Outcome(True, f"{proposal.strategy} started on {proposal.version} (by {by}, {reason})")
 
 
+def stable_version(settings: Settings, registry: ModelRegistry) -> str:
+    """The version the deployment holds as stable: what a challenger must beat.
+
+    Wiring (for the integrator): return the deployment's `stable` (issue 12's store, Redis
+    when REDIS_URL is set). Until then: DEFAULT_MODEL_VERSION, else the newest installed,
+    which is what a fresh service starts on.
+    """
+    return registry.default_version(settings.default_model_version)
+
+
 def pending_proposal(registry: ModelRegistry) -> Proposal | None:
     """The newest installed version whose card asks to be proposed, or None."""
     for version in reversed(registry.versions()):
