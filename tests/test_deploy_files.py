@@ -833,6 +833,26 @@ def test_actionlint_passes() -> None:
     assert_ok(run(tool("actionlint"), "-no-color", "-oneline", WORKFLOW))
 
 
+RETRAIN_WORKFLOW = ROOT / ".github" / "workflows" / "retrain.yml"
+
+
+def test_retrain_workflow_passes_actionlint_and_the_schemas() -> None:
+    assert_ok(run(tool("actionlint"), "-no-color", "-oneline", RETRAIN_WORKFLOW))
+    for schema in ("vendor.github-workflows", "custom.github-workflows-require-timeout"):
+        assert_ok(run(tool("check-jsonschema"), "--builtin-schema", schema, RETRAIN_WORKFLOW))
+
+
+def test_retrain_workflow_runs_the_pipeline_on_the_secret_database() -> None:
+    workflow = load_yaml(RETRAIN_WORKFLOW)
+    triggers = workflow.get("on", workflow.get(True))
+    assert {"schedule", "workflow_dispatch"} <= set(triggers)
+    runs = " ".join(str(s.get("run", "")) for s in steps(workflow))
+    assert "python -m training.retrain" in runs
+    assert "secrets.DATABASE_URL" in RETRAIN_WORKFLOW.read_text()
+    uses = [str(s.get("uses", "")) for s in steps(workflow)]
+    assert any(u.startswith("peter-evans/create-pull-request@") for u in uses)
+
+
 @pytest.mark.parametrize(
     "schema", ["vendor.github-workflows", "custom.github-workflows-require-timeout"]
 )
