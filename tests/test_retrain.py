@@ -105,10 +105,14 @@ def test_retrain_installs_a_better_challenger_from_feedback(
     url = f"sqlite:///{tmp_path / 'feedback.db'}"
     db.upgrade(url)
     fill(url, rotated_ones(100))
-    # One short epoch on 300 samples costs stable's recipe about a point on (a) by itself
-    # (measured: 98.2% vs 98.6%, and 97.1% with this feedback); this smoke run checks the
-    # pipeline, so gate (a) is given 5 points here. The default stays 0.5.
-    done = retrain(*quick(models_dir, tmp_path), "--database-url", url, "--tolerance", "0.05")
+    # One short epoch on 300 base samples, a third of the weight on sideways 1s (the default
+    # share), costs several points on (a) (measured: 91% vs stable's 98.6%; 98.2% with no
+    # feedback; 97.1% with the feedback at a fifth of the weight). This smoke run checks the
+    # pipeline, not the recipe: the feedback gets a fifth, and gate (a) 5 points.
+    done = retrain(
+        *quick(models_dir, tmp_path), "--database-url", url,
+        "--max-feedback-share", "0.2", "--tolerance", "0.05",
+    )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     assert "100 feedback rows from 5 keys" in done.stdout
     assert "gate (b) feedback holdout: pass" in done.stdout
