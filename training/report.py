@@ -146,11 +146,12 @@ def write_png(report: Report, path: Path) -> None:
     bars.bar(x + 0.2, np.nan_to_num(challenger), 0.4, label=f"challenger {report.challenger}")
     for offset, values in ((-0.2, stable), (0.2, challenger)):
         for position, value in zip(x + offset, values, strict=True):
-            bars.text(position, 0.02, _percent(value), ha="center", rotation=90, fontsize=8)
+            height = 0.0 if math.isnan(value) else value
+            bars.text(position, height + 0.01, _percent(value), ha="center", fontsize=8)
     bars.set_xticks(x, sets)
-    bars.set_ylim(0, 1)
+    bars.set_ylim(0, 1.1)
     bars.set_title("accuracy")
-    bars.legend(loc="lower right", fontsize=8)
+    bars.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=1, fontsize=8)
     figure.suptitle(report.decision)
     figure.tight_layout()
     figure.savefig(path, dpi=90)

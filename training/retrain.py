@@ -234,7 +234,7 @@ def _gate_install_propose(
     (staging / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
     challenger_model.without_optimizer(model).save(staging / challenger_model.KERAS_FILE)
     target = models_dir / candidate.version
-    result.decision = f"accepted: {candidate.version} installed in {target}"
+    result.decision = f"accepted: {candidate.version} installed as {models_dir.name}/{target.name}"
     reporting.write(result, staging)
     os.rename(staging, target)  # one step: a half-written version folder never exists
     staging.mkdir()  # for the caller's cleanup
