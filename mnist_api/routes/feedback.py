@@ -19,6 +19,27 @@ from mnist_api.schemas import documents_upload
 
 bp = APIBlueprint("feedback", __name__, tag="Feedback")
 
+Responses = dict[int | str, dict[str, str | dict[str, dict[str, Any]]]]
+
+
+def _json(schema: str, description: str) -> dict[str, str | dict[str, dict[str, Any]]]:
+    """A documented JSON response with a component schema."""
+    content = {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}
+    return {"description": description, "content": content}
+
+
+FEEDBACK_RESPONSES: Responses = {
+    200: _json("FeedbackResult", "Replaced this key's earlier label for this image and version"),
+    400: _json("Error", "invalid_label, missing_file or invalid_image"),
+    401: _json("Error", "unauthorized"),
+    404: _json("Error", "model_not_found"),
+    413: _json("Error", "payload_too_large or image_too_large"),
+    415: _json("Error", "unsupported_media_type"),
+    422: _json("Error", "blank_image"),
+    429: _json("Error", "rate_limited"),
+    503: _json("Error", "feedback_unavailable (database down or locked) or not_ready"),
+}
+
 
 def parse_label(raw: str | None) -> int:
     """The form's `label` as a digit; `InvalidLabel` (400) when missing or not 0..9."""
@@ -45,17 +66,7 @@ def _client() -> str:
         "prediction are stored (never the upload itself). 201 when new; 200 when this key "
         "already judged this image and version, whose label it replaces."
     ),
-    responses={
-        200: "Replaced this key's earlier label for the same image and version",
-        400: "invalid_label, missing_file or invalid_image",
-        401: "unauthorized",
-        404: "model_not_found",
-        413: "payload_too_large or image_too_large",
-        415: "unsupported_media_type",
-        422: "blank_image",
-        429: "rate_limited",
-        503: "feedback_unavailable (database down or locked) or not_ready",
-    },
+    responses=FEEDBACK_RESPONSES,
 )
 @documents_upload(schemas.FeedbackUpload)
 def post_feedback() -> tuple[dict[str, Any], int]:
