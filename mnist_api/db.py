@@ -7,6 +7,8 @@ or locked makes /feedback answer 503 within seconds instead of holding a worker 
 
     python -m mnist_api.db upgrade     # apply the migrations (Procfile release phase)
     python -m mnist_api.db current     # print the applied revision
+    python -m mnist_api.db revision "add a column"   # a new migration, compared with
+                                       # mnist_api/tables.py on an up-to-date database
 """
 
 from __future__ import annotations
@@ -125,7 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     if args == ["current"]:
         print(current_revision(url) or "empty (no migration applied)")
         return 0
-    print("usage: python -m mnist_api.db upgrade|current", file=sys.stderr)
+    if len(args) == 2 and args[0] == "revision":
+        command.revision(alembic_config(url), message=args[1], autogenerate=True)
+        return 0
+    print('usage: python -m mnist_api.db upgrade|current|revision "message"', file=sys.stderr)
     return 2
 
 
