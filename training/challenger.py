@@ -132,4 +132,6 @@ def without_optimizer(model: keras.Model) -> keras.Model:
     """A copy without the optimizer state (a third of the file, and nobody resumes from it)."""
     copy = keras.models.clone_model(model)
     copy.set_weights(model.get_weights())
+    for layer in copy.layers:
+        layer.trainable = True  # the next fine-tune decides what to freeze
     return copy
