@@ -33,8 +33,12 @@ COPY models/ ./models/
 
 # Byte-compile the package once, then run the Heroku release check at build time: the build
 # fails if the model or its card is missing, if they disagree, or if LiteRT cannot run it.
+# instance/ holds the embedded feedback database when DATABASE_URL is unset (mount a volume
+# there to keep it); the app user may write only there. The release phase's database steps
+# need the runtime's DATABASE_URL, so gunicorn migrates the embedded file when it starts.
 RUN python -m compileall -q mnist_api \
-    && python -m mnist_api.release_check
+    && python -m mnist_api.release_check \
+    && install -d -o app -g app instance
 
 # Numeric, so a runtime (Kubernetes runAsNonRoot, say) can tell it is not root: the app user.
 USER 10001:10001

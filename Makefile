@@ -7,7 +7,7 @@ PORT ?= 8000
 # A development key for `make run` only; production refuses to start without API_KEY(S).
 API_KEY ?= dev-key
 
-.PHONY: run test lint model soak bench system-deps clean
+.PHONY: run test lint model retrain soak bench system-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,13 @@ bench: system-deps $(VENV)/.dev-installed
 model: $(VENV)/.dev-installed
 	$(BIN)/python train_model.py
 	$(BIN)/python quantize_model.py
+
+## retrain: retrain on the users' feedback (DATABASE_URL, else the embedded SQLite file), gate
+## the challenger against stable, install it under models/<version>/ and propose it as
+## candidate only if it passes; the report is in build/retrain/. RETRAIN_ARGS="--epochs 1 ..."
+RETRAIN_ARGS ?=
+retrain: $(VENV)/.dev-installed
+	$(BIN)/python -m training.retrain $(RETRAIN_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

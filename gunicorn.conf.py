@@ -7,6 +7,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from loguru import logger
+
 from mnist_api.config import Settings
 from mnist_api.gunicorn_logging import LoguruGunicornLogger
 from mnist_api.logs import configure_logging
@@ -60,10 +62,33 @@ raw_env = [f"PROMETHEUS_MULTIPROC_DIR={metrics_dir}"]
 
 
 def on_starting(server: Any) -> None:
-    """Before any worker starts: an empty metrics folder."""
+    """Before any worker starts: an empty metrics folder, and the embedded database migrated."""
     # Files left by a previous run would be summed into this run's numbers.
     shutil.rmtree(metrics_dir, ignore_errors=True)
     Path(metrics_dir).mkdir(parents=True, exist_ok=True)
+    _migrate_embedded_database()
+
+
+def _migrate_embedded_database() -> None:
+    """Apply the migrations to the embedded SQLite file (`make run`, a container, the tests).
+
+    Only the master, once, before the workers fork. A server database (DATABASE_URL) is
+    migrated by the Procfile's release phase instead: web dynos starting together must not
+    race on its schema. A failure is logged and the service starts anyway: only /feedback
+    needs the database, and it answers 503 until the file is usable.
+    """
+    from mnist_api import db  # noqa: PLC0415 - SQLAlchemy only when gunicorn starts
+
+    if not db.is_sqlite(_settings.database_url):
+        return
+    try:
+        db.upgrade(_settings.database_url)
+    except Exception as error:  # never keep predictions from starting
+        logger.error(
+            "could not migrate the feedback database {}: {}",
+            db.describe(_settings.database_url),
+            error,
+        )
 
 
 def child_exit(server: Any, worker: Any) -> None:

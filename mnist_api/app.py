@@ -13,13 +13,14 @@ from mnist_api.cache import CacheHooks, build_cache
 from mnist_api.config import PROJECT_ROOT, Settings
 from mnist_api.deployment_manager import DeploymentManager
 from mnist_api.deployment_router import AutoPromote, DeploymentRouter
+from mnist_api.feedback import FeedbackStore
 from mnist_api.job_store import build_job_store
 from mnist_api.jobs import JobService
 from mnist_api.logs import configure_logging
 from mnist_api.model import MODEL_NAME
 from mnist_api.preprocessing import ALLOWED_CONTENT_TYPES, Limits
 from mnist_api.registry import ModelRegistry
-from mnist_api.routes import api, ops, v2, web
+from mnist_api.routes import api, feedback, ops, v2, web
 from mnist_api.routes import deployment as deployment_routes
 from mnist_api.service import PredictionService
 from mnist_api.tasks import celery_init_app
@@ -70,6 +71,10 @@ def create_app(settings: Settings | None = None, *, load_model: bool = True) -> 
     app.extensions[extensions.JOB_STORE] = job_store = build_job_store(
         settings.redis_url, settings.result_expires_seconds
     )
+    # Connects lazily: a database that is down costs /feedback a 503, never the start.
+    app.extensions[extensions.FEEDBACK] = FeedbackStore.from_url(
+        settings.database_url, settings.database_timeout_seconds
+    )
     app.extensions[extensions.JOBS] = JobService(service, job_store, celery_init_app(app, settings))
 
     CORS(
@@ -94,13 +99,14 @@ def create_app(settings: Settings | None = None, *, load_model: bool = True) -> 
     request_context.init_app(app)
     error_handlers.init_app(app)
     # The keyed routes count against the same per-key limit.
-    rate_limits.init_app(app, settings, limited=(api.bp, v2.bp, deployment_routes.bp))
+    rate_limits.init_app(app, settings, limited=(api.bp, v2.bp, deployment_routes.bp, feedback.bp))
     metrics.init_app(
         app,
         multiprocess=bool(settings.prometheus_multiproc_dir),
         token=settings.metrics_token,
     )
     app.register_blueprint(api.bp)
+    app.register_blueprint(feedback.bp)
     app.register_blueprint(ops.bp)
     app.register_blueprint(web.bp)
     app.register_blueprint(v2.public_bp)
@@ -115,6 +121,7 @@ def create_app(settings: Settings | None = None, *, load_model: bool = True) -> 
             if model.card_mismatch():
                 logger.warning("model card of {} does not describe its file", model.version)
         metrics.set_model_version(service.model_version)
+        metrics.init_feedback([model.full_version for model in registry])
         logger.info(
             "model {} loaded and warmed up ({} installed: {})",
             service.model_version,

@@ -118,6 +118,9 @@ class Settings:
     auto_promote: bool = False
     auto_promote_min_feedback: int = 200
     auto_promote_probability: float = 0.95
+    # Feedback store (mnist_api/db.py): DATABASE_URL, or "" for the embedded SQLite file.
+    database_url: str = ""
+    database_timeout_seconds: float = 3.0
     # Server (read by gunicorn.conf.py)
     port: int = 8000
     web_concurrency: int = 2
@@ -179,6 +182,10 @@ class Settings:
             ),
             auto_promote_probability=_float(
                 env, "AUTO_PROMOTE_PROBABILITY", cls.auto_promote_probability
+            ),
+            database_url=_text(env, "DATABASE_URL", ""),
+            database_timeout_seconds=_float(
+                env, "DATABASE_TIMEOUT_SECONDS", cls.database_timeout_seconds
             ),
             port=_int(env, "PORT", cls.port, 1),
             web_concurrency=_int(env, "WEB_CONCURRENCY", cls.web_concurrency, 1),

@@ -146,3 +146,12 @@ class DeploymentStoreUnavailable(ServiceError):
         "The deployment store (Redis) is unavailable right now; nothing was changed. "
         "Traffic is still served with the last known deployment; retry shortly."
     )
+
+
+class FeedbackUnavailable(ServiceError):
+    status = 503
+    code = "feedback_unavailable"
+    message = (
+        "The feedback store is unavailable right now; nothing was recorded. Predictions are "
+        "not affected. Retry shortly."
+    )

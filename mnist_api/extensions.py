@@ -16,6 +16,7 @@ from mnist_api.service import PredictionService
 if TYPE_CHECKING:
     from mnist_api.deployment_manager import DeploymentManager
     from mnist_api.deployment_router import DeploymentRouter
+    from mnist_api.feedback import FeedbackStore
     from mnist_api.jobs import JobService
 
 SETTINGS = "mnist_settings"
@@ -26,6 +27,7 @@ JOB_STORE = "mnist_job_store"
 JOBS = "mnist_jobs"
 DEPLOYMENTS = "mnist_deployments"
 ROUTER = "mnist_router"
+FEEDBACK = "mnist_feedback"
 
 
 def get_settings() -> Settings:
@@ -79,3 +81,9 @@ def get_router() -> DeploymentRouter:
     """This process's deployment router (the feedback route calls `record_feedback`)."""
     router: DeploymentRouter = current_app.extensions[ROUTER]
     return router
+
+
+def get_feedback_store() -> FeedbackStore:
+    """Where feedback is stored (the SQL database)."""
+    store: FeedbackStore = current_app.extensions[FEEDBACK]
+    return store

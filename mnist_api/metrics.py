@@ -126,6 +126,13 @@ AUTO_PROMOTIONS = Counter(
     registry=None,
 )
 GUARD_SIGNALS = ("low_confidence", "errors", "accuracy")
+FEEDBACK = Counter(
+    "mnist_feedback",
+    "Feedback received (POST /feedback, first label per key, image and version), by whether "
+    "the version's answer was right.",
+    ["model_version", "correct"],
+    registry=None,
+)
 
 ALL = (
     INFERENCE_SECONDS,
@@ -143,6 +150,7 @@ ALL = (
     DEPLOYMENT_INFO,
     GUARD_ROLLBACKS,
     AUTO_PROMOTIONS,
+    FEEDBACK,
 )
 
 View = TypeVar("View", bound=Callable[..., Any])
@@ -199,6 +207,19 @@ def set_deployment(deployment_id: str, strategy: str, stable: str, candidate: st
     DEPLOYMENT_INFO.labels(**labels).set(1)
     _deployment_labels.clear()
     _deployment_labels.update(labels)
+
+
+def record_feedback(model_version: str, correct: bool) -> None:
+    """Count one new feedback on `model_version`'s answer."""
+    FEEDBACK.labels(model_version=model_version, correct=str(correct).lower()).inc()
+
+
+def init_feedback(model_versions: Sequence[str]) -> None:
+    """Create the feedback series at 0 for every installed version, so /metrics shows them
+    (and rate() has a starting point) before the first feedback arrives."""
+    for model_version in model_versions:
+        for correct in ("true", "false"):
+            FEEDBACK.labels(model_version=model_version, correct=correct)
 
 
 def record_cache_lookups(result: str, count: int) -> None:

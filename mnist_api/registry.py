@@ -55,24 +55,30 @@ class ModelRegistry:
 
     models_dir: Path
     models: dict[str, DigitModel] = field(default_factory=dict)
+    # Versions whose card says they were installed to be tried as a candidate (a retrained
+    # challenger): never the stable version by default, only once promoted.
+    proposed: set[str] = field(default_factory=set)
 
     @classmethod
     def discover(cls, models_dir: Path) -> ModelRegistry:
         """Find the version folders, oldest first; `RegistryError` if there are none.
 
-        Only the cards are read here (for their dates); the models load in `load()`.
+        Only the cards are read here (for their dates, and whether a version was installed
+        as a proposed candidate); the models load in `load()`.
         """
-        folders = sorted(
-            (p for p in models_dir.iterdir() if is_version_dir(p)) if models_dir.is_dir() else (),
-            key=lambda p: (_created(p / CARD_FILE), p.name),
+        folders = (
+            [p for p in models_dir.iterdir() if is_version_dir(p)] if models_dir.is_dir() else []
         )
+        cards = {p.name: _read_card(p / CARD_FILE) for p in folders}
+        folders.sort(key=lambda p: (str(cards[p.name].get("created", "")), p.name))
         if not folders:
             raise RegistryError(
                 f"no model version under {models_dir}: expected folders named after the "
                 f"version with {TFLITE_FILE} inside; run `make model`."
             )
         models = {p.name: DigitModel(p / TFLITE_FILE, p / CARD_FILE) for p in folders}
-        return cls(models_dir, models)
+        proposed = {name for name, card in cards.items() if card.get("proposed")}
+        return cls(models_dir, models, proposed)
 
     def load(self) -> None:
         """Load every version and check that each folder is named after its file's hash."""
@@ -95,13 +101,15 @@ class ModelRegistry:
         return next(reversed(self.models))
 
     def default_version(self, wanted: str = "") -> str:
-        """The stable version at first start: `wanted` (DEFAULT_MODEL_VERSION) or the newest.
+        """The stable version at first start: `wanted` (DEFAULT_MODEL_VERSION), else the
+        newest version not installed as a proposed candidate (else the newest).
 
         `RegistryError` (a `ConfigError`: the service refuses to start) when `wanted` is
         not installed.
         """
         if not wanted:
-            return self.newest
+            settled = [version for version in self.models if version not in self.proposed]
+            return settled[-1] if settled else self.newest
         if wanted not in self:
             raise RegistryError(
                 f"DEFAULT_MODEL_VERSION {wanted!r} is not installed under {self.models_dir}; "
@@ -141,10 +149,10 @@ class ModelRegistry:
         ]
 
 
-def _created(card_path: Path) -> str:
-    """The card's `created` date ("" when there is no readable card): the version order."""
+def _read_card(card_path: Path) -> dict[str, Any]:
+    """A version's card, or {} when it is missing or unreadable (the model load says why)."""
     try:
-        created = json.loads(card_path.read_text()).get("created", "")
-    except (OSError, ValueError, AttributeError):
-        return ""
-    return str(created)
+        card = json.loads(card_path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return card if isinstance(card, dict) else {}

@@ -155,6 +155,10 @@ class Readiness(Schema):
     model = String(required=True)
     cache = String(required=True, metadata={"description": "redis, memory or degraded"})
     broker = String(required=True, metadata={"description": "ok, eager or down"})
+    database = String(
+        required=True,
+        metadata={"description": "feedback store: ok (server), sqlite (embedded file) or down"},
+    )
 
 
 class TaskAccepted(Schema):
@@ -288,3 +292,53 @@ class HistoryQuery(Schema):
         unknown = INCLUDE
 
     limit = String(metadata={"description": "1 to 100 (default 20)"})
+
+
+class FeedbackUpload(Schema):
+    """The judged image (as for /predict), the right digit, and the version that answered."""
+
+    class Meta:
+        unknown = INCLUDE  # other form fields are ignored, not refused
+
+    file = File(required=True, metadata={"description": "the image that was predicted"})
+    label = Integer(
+        required=True, validate=Range(0, 9), metadata={"description": "the right digit, 0-9"}
+    )
+    model_version = String(
+        metadata={
+            "description": "the version whose answer is judged (default: the one the current "
+            "deployment would use for this key)"
+        }
+    )
+
+
+class FeedbackResult(Schema):
+    """A stored feedback (201 new, 200 when it replaced this key's earlier label)."""
+
+    feedback_id = Integer(required=True)
+    sha256 = String(required=True, metadata={"description": "SHA-256 of the uploaded bytes"})
+    label = Integer(required=True, validate=Range(0, 9))
+    model_version = String(required=True, metadata={"example": "mnist-cnn-int8-fe5e4f4d480b"})
+    predicted = Integer(required=True, validate=Range(0, 9))
+    correct = Boolean(required=True)
+
+
+class VersionFeedback(Schema):
+    """The feedback received about one version's answers."""
+
+    model_version = String(required=True)
+    version = String(required=True)
+    count = Integer(required=True)
+    correct = Integer(required=True)
+    accuracy = Float(required=True, validate=Range(0, 1))
+    confusion = List(
+        List(Integer()),
+        required=True,
+        metadata={"description": "10x10: confusion[label][predicted] counts"},
+    )
+
+
+class FeedbackStats(Schema):
+    """Per version: count, accuracy and confusion matrix of the feedback received."""
+
+    versions = List(Nested(VersionFeedback), required=True)

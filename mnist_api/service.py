@@ -167,6 +167,21 @@ class PredictionService:
         """Raise the error /predict would give for this upload, without running the model."""
         preprocess(data, self.limits)
 
+    def score_for_feedback(
+        self, data: bytes, *, client: str = "", version: str | None = None
+    ) -> tuple[DigitModel, np.ndarray, np.ndarray]:
+        """What a version answered for an upload someone is judging: (model, input, probabilities).
+
+        The version is `version` when given, else the one the deployment would use for
+        `client`. The upload goes through exactly /predict's preprocessing (the same
+        `ServiceError` for a bad image) and the returned (28, 28) input is what the model
+        saw. Not counted as an answer and not cached: it is a re-scoring, not a prediction.
+        """
+        self._require_ready()
+        model = self.registry.get(self.route_for(client, version).answer)
+        image = preprocess(data, self.limits)
+        return model, image, model.predict(image[np.newaxis])[0]
+
     def key_for(self, data: bytes, model: DigitModel | None = None) -> str:
         """The cache key of an upload: version, preprocessing and SHA-256 of the bytes."""
         model = model or self.model

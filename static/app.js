@@ -21,7 +21,16 @@
   const resultEmpty = $("result-empty");
   const resultBody = $("result-body");
   const chart = $("chart");
+  const feedbackBox = $("feedback");
+  const feedbackAsk = $("feedback-ask");
+  const feedbackDigits = $("feedback-digits");
+  const feedbackThanks = $("feedback-thanks");
+  const feedbackError = $("feedback-error");
   const ctx = canvas.getContext("2d");
+
+  // The upload the last answer was about: feedback sends these same bytes, and names the
+  // version that answered, so the service scores exactly what the person judged.
+  let judged = null; // { blob, filename, predicted, modelVersion }
 
   // ---- API key, kept in localStorage ----
 
@@ -256,6 +265,86 @@
     resultBody.hidden = false;
   }
 
+  // ---- Feedback: "Right?" ----
+
+  function resetFeedback() {
+    feedbackBox.hidden = true;
+    feedbackAsk.hidden = false;
+    feedbackDigits.hidden = true;
+    feedbackThanks.hidden = true;
+    feedbackThanks.textContent = "";
+    feedbackError.hidden = true;
+    feedbackError.textContent = "";
+    setFeedbackBusy(false);
+  }
+
+  function askFeedback(upload) {
+    judged = upload;
+    resetFeedback();
+    feedbackBox.hidden = false;
+  }
+
+  function setFeedbackBusy(busy) {
+    for (const button of feedbackBox.querySelectorAll("button")) button.disabled = busy;
+  }
+
+  function feedbackErrorMessage(response, data) {
+    const code = data && data.code;
+    if (code === "feedback_unavailable") {
+      return "Your answer could not be saved right now (predictions still work). Try again in a moment.";
+    }
+    if (code === "unauthorized") return "The API key was not accepted, so the answer was not saved.";
+    if (code === "rate_limited") return "Too many requests in a short time. Wait a moment and try again.";
+    if (data && typeof data.error === "string" && data.error) return data.error;
+    return `The answer could not be saved (HTTP ${response.status}). Try again in a moment.`;
+  }
+
+  async function sendFeedback(label) {
+    if (!judged) return;
+    feedbackError.hidden = true;
+    setFeedbackBusy(true);
+    try {
+      const body = new FormData();
+      body.append("file", judged.blob, judged.filename);
+      body.append("label", String(label));
+      body.append("model_version", judged.modelVersion);
+      const key = keyInput.value.trim();
+      const response = await postWithTimeout("/feedback", { headers: { "x-api-key": key }, body });
+      const data = await readJson(response);
+      if (response.ok && data && typeof data.feedback_id === "number") {
+        feedbackAsk.hidden = true;
+        feedbackDigits.hidden = true;
+        feedbackThanks.textContent = data.correct
+          ? "Thank you! Glad it was right."
+          : `Thank you! Noted: it was a ${data.label}. This helps the next model.`;
+        feedbackThanks.hidden = false;
+        return;
+      }
+      feedbackError.textContent = feedbackErrorMessage(response, data);
+      feedbackError.hidden = false;
+    } catch (err) {
+      feedbackError.textContent = err.name === "AbortError"
+        ? "The service took too long to answer; the answer was not saved."
+        : "Could not reach the service; the answer was not saved.";
+      feedbackError.hidden = false;
+    } finally {
+      setFeedbackBusy(false);
+    }
+  }
+
+  $("feedback-yes").addEventListener("click", () => {
+    if (judged) sendFeedback(judged.predicted);
+  });
+  $("feedback-no").addEventListener("click", () => {
+    feedbackAsk.hidden = true;
+    feedbackDigits.hidden = false;
+    feedbackDigits.querySelector("button").focus();
+  });
+  feedbackDigits.addEventListener("click", (event) => {
+    const button = event.target.closest("button[data-digit]");
+    if (button) sendFeedback(Number(button.dataset.digit));
+  });
+
   function showError(message) {
     errorBox.textContent = message;
     errorBox.hidden = false;
@@ -267,6 +356,8 @@
     resultBody.hidden = true;
     resultEmpty.hidden = false;
     chart.replaceChildren();
+    judged = null;
+    resetFeedback();
   }
 
   function setBusy(busy) {
@@ -290,12 +381,21 @@
     const source = file ? "file" : "canvas";
     setBusy(true);
     try {
+      const upload = file || (await canvasBlob());
+      const filename = file ? file.name : "drawing.png";
       const body = new FormData();
-      body.append("file", file || (await canvasBlob()), file ? file.name : "drawing.png");
+      body.append("file", upload, filename);
       const response = await postWithTimeout("/predict", { headers: { "x-api-key": key }, body });
       const data = await readJson(response);
-      if (response.ok && data && Array.isArray(data.probabilities)) showResult(data);
-      else showError(errorMessage(response, data, source));
+      if (response.ok && data && Array.isArray(data.probabilities)) {
+        showResult(data);
+        askFeedback({
+          blob: upload,
+          filename,
+          predicted: data.prediccion,
+          modelVersion: data.model_version || response.headers.get("X-Model-Version") || "",
+        });
+      } else showError(errorMessage(response, data, source));
     } catch (err) {
       if (err.userMessage) showError(err.userMessage);
       else if (err.name === "AbortError") showError("The service took too long to answer. Try again in a moment.");

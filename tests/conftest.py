@@ -12,7 +12,7 @@ import pytest
 from apiflask import APIFlask
 from flask.testing import FlaskClient
 
-from mnist_api import create_app
+from mnist_api import create_app, db
 from mnist_api.config import PROJECT_ROOT, Settings
 from mnist_api.extensions import CACHE
 from tests.worker_process import Worker
@@ -34,9 +34,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 @pytest.fixture(scope="session")
-def settings() -> Settings:
-    """Settings for tests: two API keys, the committed model, text logs, no rate limit."""
-    return Settings(api_keys=API_KEYS, log_format="text", log_level="WARNING", rate_limit="")
+def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """Settings for tests: two API keys, the committed model, text logs, no rate limit, and a
+    migrated SQLite feedback database of the session's own (never the repository's)."""
+    database_url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'feedback.db'}"
+    db.upgrade(database_url)
+    return Settings(
+        api_keys=API_KEYS,
+        log_format="text",
+        log_level="WARNING",
+        rate_limit="",
+        database_url=database_url,
+    )
 
 
 @pytest.fixture(scope="session")

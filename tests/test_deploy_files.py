@@ -69,6 +69,7 @@ RUNTIME_SOURCES = {
 NOT_IN_APP_JSON = {
     "PORT": "Heroku sets it for each web dyno",
     "REDIS_URL": "the heroku-redis add-on sets it",
+    "DATABASE_URL": "the heroku-postgresql add-on sets it",
     "MODELS_DIR": "the models ship in the slug at the default path",
     "PROMETHEUS_MULTIPROC_DIR": "gunicorn.conf.py sets it for its workers",
     "TASK_DELAY_SECONDS": "tests and demos only",
@@ -328,7 +329,10 @@ def test_image_build_runs_the_procfile_release_check() -> None:
     if release is None:
         pytest.skip("the Procfile has no release phase")
     runs = " && ".join(i.args for i in dockerfile() if i.keyword == "RUN")
-    assert release in runs, f"the image build should run `{release}` as Heroku's release does"
+    # The model check; the release's database steps (migrate, propose) need the runtime's
+    # DATABASE_URL, so they cannot run at build time.
+    check = release.split(" && ")[0]
+    assert check in runs, f"the image build should run `{check}` as Heroku's release does"
 
 
 class _Health(http.server.BaseHTTPRequestHandler):
@@ -827,6 +831,26 @@ def workflow() -> dict[Any, Any]:
 
 def test_actionlint_passes() -> None:
     assert_ok(run(tool("actionlint"), "-no-color", "-oneline", WORKFLOW))
+
+
+RETRAIN_WORKFLOW = ROOT / ".github" / "workflows" / "retrain.yml"
+
+
+def test_retrain_workflow_passes_actionlint_and_the_schemas() -> None:
+    assert_ok(run(tool("actionlint"), "-no-color", "-oneline", RETRAIN_WORKFLOW))
+    for schema in ("vendor.github-workflows", "custom.github-workflows-require-timeout"):
+        assert_ok(run(tool("check-jsonschema"), "--builtin-schema", schema, RETRAIN_WORKFLOW))
+
+
+def test_retrain_workflow_runs_the_pipeline_on_the_secret_database() -> None:
+    workflow = load_yaml(RETRAIN_WORKFLOW)
+    triggers = workflow.get("on", workflow.get(True))
+    assert {"schedule", "workflow_dispatch"} <= set(triggers)
+    runs = " ".join(str(s.get("run", "")) for s in steps(workflow))
+    assert "python -m training.retrain" in runs
+    assert "secrets.DATABASE_URL" in RETRAIN_WORKFLOW.read_text()
+    uses = [str(s.get("uses", "")) for s in steps(workflow)]
+    assert any(u.startswith("peter-evans/create-pull-request@") for u in uses)
 
 
 @pytest.mark.parametrize(

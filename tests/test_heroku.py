@@ -38,6 +38,8 @@ def test_procfile_has_release_web_and_worker() -> None:
 
 
 def release(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    # The release phase migrates the database: a file of the test's own, not the repository's.
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path / 'feedback.db'}", **env}
     return subprocess.run(
         [str(HONCHO), "start", "-f", "Procfile", "-e", os.devnull, "--no-colour", "release"],
         cwd=PROJECT_ROOT,

@@ -125,6 +125,8 @@ def start_web(tmp_dir: Path, **env: str) -> LiveServer:
         "LOG_LEVEL": "INFO",
         "RATE_LIMIT": "off",  # tests/test_rate_limits.py turns it on where it is the subject
         "PROMETHEUS_MULTIPROC_DIR": str(tmp_dir / f"metrics-{port}"),
+        # Its own feedback file (gunicorn.conf.py migrates it), never the repository's.
+        "DATABASE_URL": f"sqlite:///{tmp_dir / f'feedback-{port}.db'}",
     }
     environment = venv_env(**{**defaults, **env})
     with log_path.open("wb") as out, log_path.with_suffix(".err").open("wb") as err:

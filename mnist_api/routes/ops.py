@@ -8,7 +8,7 @@ from apiflask import APIBlueprint
 
 from mnist_api import schemas
 from mnist_api.errors import NotReady
-from mnist_api.extensions import get_cache, get_jobs, get_model
+from mnist_api.extensions import get_cache, get_feedback_store, get_jobs, get_model
 
 bp = APIBlueprint("ops", __name__, tag="Operations")
 
@@ -34,4 +34,6 @@ def readyz() -> dict[str, Any]:
         "model": model.full_version,
         "cache": get_cache().status(),
         "broker": get_jobs().broker_status(),
+        # Reported, never failing readiness: only /feedback needs the database.
+        "database": get_feedback_store().status(),
     }

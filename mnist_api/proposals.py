@@ -1,0 +1,195 @@
+"""A retrained version goes out as candidate: the one adapter to the deployment, and the
+release step that uses it.
+
+`training/retrain.py` installs a challenger that passed its gates under `models/<version>/`
+and writes into its card what it asks for, e.g. `"proposed": {"strategy": "canary",
+"candidate_share": 0.1}`. It then calls `propose_candidate` (for a local run), and the
+Procfile's release phase runs `python -m mnist_api.proposals release` after a merge, which
+calls `propose_candidate` for the newest proposed version not proposed before (remembered
+in the database table `candidate_proposals`, so a later release does not do it again).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from loguru import logger
+from sqlalchemy import insert, select
+from sqlalchemy.exc import SQLAlchemyError
+
+from mnist_api.config import Settings
+from mnist_api.db import build_engine
+from mnist_api.deployment_manager import DeploymentManager
+from mnist_api.errors import DeploymentStoreUnavailable, InvalidDeployment
+from mnist_api.registry import CARD_FILE, ModelRegistry
+from mnist_api.tables import candidate_proposals
+
+STRATEGIES = ("canary", "bandit")
+RELEASE_BY = "release"  # who the deployment history names for a release-phase proposal
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """Put `version` out as candidate with `strategy` (canary: a `candidate_share` of traffic)."""
+
+    version: str
+    strategy: str = "canary"
+    candidate_share: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if not 0.0 < self.candidate_share < 1.0:
+            raise ValueError(f"candidate_share must be in (0, 1), got {self.candidate_share}")
+
+    def changes(self) -> dict[str, Any]:
+        """The deployment change (the body of PUT /deployment) that starts the candidate."""
+        return {
+            "strategy": self.strategy,
+            "candidate": self.version,
+            "candidate_share": self.candidate_share,
+        }
+
+    def card_entry(self) -> dict[str, Any]:
+        """What the model card records under "proposed"."""
+        return {"strategy": self.strategy, "candidate_share": self.candidate_share}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """Whether the deployment now has the candidate, and a sentence saying what happened."""
+
+    applied: bool
+    message: str
+
+
+def propose_candidate(
+    proposal: Proposal, settings: Settings, *, by: str, reason: str = "manual"
+) -> Outcome:
+    """Start a canary or bandit on `proposal` through the deployment manager (issue 12).
+
+    The change goes to the store the web dynos read (Redis, `REDIS_URL`), so every worker
+    takes it within seconds. Without Redis the deployment lives inside each running
+    process, which nothing outside can change: the proposal then stays in the card, and an
+    admin starts it with `PUT /deployment` on the running service.
+    """
+    if not settings.redis_url:
+        return Outcome(
+            False,
+            "REDIS_URL is not set, so the deployment lives inside the running service: start "
+            f"the {proposal.strategy} with PUT /deployment (an admin key) on it",
+        )
+    manager = _manager(settings)
+    try:
+        deployment = manager.apply(proposal.changes(), by=by, reason=reason)
+    except (InvalidDeployment, DeploymentStoreUnavailable) as error:
+        return Outcome(False, f"the deployment was not changed: {error.message}")
+    return Outcome(
+        True,
+        f"{deployment.strategy} started on {proposal.version} (deployment {deployment.id}, "
+        f"by {by})",
+    )
+
+
+def stable_version(settings: Settings, registry: ModelRegistry) -> str:
+    """The version the deployment holds as stable: what a challenger must beat.
+
+    Read from the deployment store when there is one (Redis); the first-start default
+    (DEFAULT_MODEL_VERSION, else the newest settled version) otherwise, or when the store
+    is unreachable or names a version not installed here.
+    """
+    default = registry.default_version(settings.default_model_version)
+    if not settings.redis_url:
+        return default
+    try:
+        stable = _manager(settings).current().stable
+    except DeploymentStoreUnavailable:
+        return default
+    return stable if stable in registry else default
+
+
+def _manager(settings: Settings) -> DeploymentManager:
+    registry = ModelRegistry.discover(settings.models_dir)
+    return DeploymentManager.from_settings(
+        settings, registry.versions(), registry.default_version(settings.default_model_version)
+    )
+
+
+def pending_proposal(registry: ModelRegistry) -> Proposal | None:
+    """The newest installed version whose card asks to be proposed, or None."""
+    for version in reversed(registry.versions()):
+        card = _card(registry, version)
+        entry = card.get("proposed")
+        if isinstance(entry, dict):
+            return Proposal(
+                version,
+                str(entry.get("strategy", "canary")),
+                float(entry.get("candidate_share", 0.1)),
+            )
+    return None
+
+
+def _card(registry: ModelRegistry, version: str) -> dict[str, Any]:
+    try:
+        card = json.loads((registry.models_dir / version / CARD_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return card if isinstance(card, dict) else {}
+
+
+def release(settings: Settings) -> int:
+    """The release phase's step: propose the newest proposed version once. Always exits 0.
+
+    A proposal that cannot be applied never fails the release: the new code and models
+    still deploy, stable keeps answering, and the next release tries again.
+    """
+    registry = ModelRegistry.discover(settings.models_dir)
+    proposal = pending_proposal(registry)
+    if proposal is None:
+        print("candidate proposal: no installed version asks to be proposed")
+        return 0
+    engine = build_engine(settings.database_url, timeout=10.0)
+    try:
+        with engine.begin() as connection:
+            done = connection.execute(
+                select(candidate_proposals.c.outcome).where(
+                    candidate_proposals.c.version == proposal.version
+                )
+            ).scalar_one_or_none()
+            if done is not None:
+                print(f"candidate proposal: {proposal.version} was proposed before ({done})")
+                return 0
+            outcome = propose_candidate(proposal, settings, by=RELEASE_BY)
+            print(f"candidate proposal: {outcome.message}")
+            if outcome.applied:
+                connection.execute(
+                    insert(candidate_proposals).values(
+                        version=proposal.version,
+                        strategy=proposal.strategy,
+                        candidate_share=proposal.candidate_share,
+                        outcome=outcome.message[:200],
+                        proposed_at=datetime.datetime.now(datetime.UTC),
+                    )
+                )
+    except SQLAlchemyError as error:
+        logger.error("candidate proposal skipped, database unavailable: {}", type(error).__name__)
+    finally:
+        engine.dispose()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m mnist_api.proposals release` (the Procfile's release phase)."""
+    args = sys.argv[1:] if argv is None else argv
+    if args != ["release"]:
+        print("usage: python -m mnist_api.proposals release", file=sys.stderr)
+        return 2
+    return release(Settings.from_env())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""The SQL tables of the service (SQLAlchemy Core), created and changed only by Alembic.
+
+`mnist_api/migrations/versions/` holds the migrations that build exactly these tables; the
+metadata here is what the code reads and writes, and what `alembic revision
+--autogenerate` compares against.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    Integer,
+    LargeBinary,
+    MetaData,
+    SmallInteger,
+    String,
+    Table,
+    UniqueConstraint,
+)
+
+metadata = MetaData()
+
+# One row per (key, image, version): the same key judging the same upload's answer by the
+# same version again replaces its label. `input` is the normalised 28x28 image the model
+# saw, as 784 little-endian float16 values (1,568 bytes); the raw upload is never kept.
+feedback = Table(
+    "feedback",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("key_fingerprint", String(16), nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("model_version", String(12), nullable=False),
+    Column("label", SmallInteger, nullable=False),
+    Column("predicted", SmallInteger, nullable=False),
+    Column("correct", Boolean, nullable=False),
+    Column("probability", Float, nullable=False),
+    Column("input", LargeBinary, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False, index=True),
+    UniqueConstraint("key_fingerprint", "sha256", "model_version", name="uq_feedback_key_image"),
+)
+
+# Candidates proposed by the release phase (mnist_api/proposals.py): a version's card may
+# ask to be put out as candidate; a row here means that was done (or tried) once, so the
+# next release does not propose it again.
+candidate_proposals = Table(
+    "candidate_proposals",
+    metadata,
+    Column("version", String(12), primary_key=True),
+    Column("strategy", String(16), nullable=False),
+    Column("candidate_share", Float, nullable=False),
+    Column("outcome", String(200), nullable=False),
+    Column("proposed_at", DateTime(timezone=True), nullable=False),
+)

@@ -1,0 +1,137 @@
+"""Train, quantise and score a challenger: the model side of `training/retrain.py`.
+
+The recipe's pieces come from the project's own scripts, imported here and nowhere else in
+the retraining code: the CNN from `train_model.py`, the int8 conversion and its calibration
+set from `quantize_model.py`. A challenger starts from the stable version's Keras weights
+(fine-tuning, so a short run keeps what stable knows) unless there are none or
+`from_scratch` is asked for.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up banner quiet
+
+import keras
+import tensorflow as tf
+
+from mnist_api.model import DigitModel
+from quantize_model import calibration_images, convert
+from train_model import build_model
+from training.augment import augment_mnist, mnist_canvas
+from training.feedback_data import FeedbackSplit
+
+KERAS_FILE = "mnist_cnn.keras"
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """How the challenger is trained."""
+
+    epochs: int = 5
+    batch_size: int = 64
+    seed: int = 0
+    fine_tune_learning_rate: float = 3e-4
+    scratch_learning_rate: float = 2e-3
+    augment: bool = True
+    calibration_samples: int = 400
+
+
+def starting_model(stable_dir: Path, from_scratch: bool) -> tuple[keras.Model, str]:
+    """The model to train and how it started: stable's weights, or a fresh `build_model()`."""
+    keras_path = stable_dir / KERAS_FILE
+    if not from_scratch and keras_path.is_file():
+        model = keras.models.load_model(keras_path, compile=False)
+        return model, f"fine-tuned from {stable_dir.name}"
+    reason = "asked for" if from_scratch else f"no {KERAS_FILE} next to {stable_dir.name}"
+    return build_model(), f"trained from scratch ({reason})"
+
+
+def train(
+    model: keras.Model,
+    raw_images: np.ndarray,
+    labels: np.ndarray,
+    feedback: FeedbackSplit,
+    plan: TrainingPlan,
+    fine_tune: bool,
+) -> list[float]:
+    """Train on the base images (augmented afresh each epoch) plus the weighted feedback.
+
+    Base samples weigh 1 each; feedback examples carry their `train_weights`. Returns the
+    loss of each epoch.
+    """
+    keras.utils.set_random_seed(plan.seed)
+    rate = plan.fine_tune_learning_rate if fine_tune else plan.scratch_learning_rate
+    if fine_tune:
+        # Keep stable's batch-norm statistics: a short run on a small, feedback-heavy mix
+        # would otherwise shift them towards that mix and cost accuracy everywhere else.
+        for layer in model.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.trainable = False
+    model.compile(
+        optimizer=keras.optimizers.Adam(rate),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        weighted_metrics=[],
+    )
+    canvases = np.stack([mnist_canvas(image) for image in raw_images]) if plan.augment else None
+    clean = None if plan.augment else _normalized(raw_images)
+    rng = np.random.default_rng(plan.seed)
+    losses = []
+    for epoch in range(plan.epochs):
+        base = augment_mnist(canvases, plan.seed * 1000 + epoch) if canvases is not None else clean
+        assert base is not None
+        x = np.concatenate([base, feedback.train_images]).astype(np.float32)
+        y = np.concatenate([labels, feedback.train_labels])
+        w = np.concatenate([np.ones(len(labels)), feedback.train_weights]).astype(np.float32)
+        order = rng.permutation(len(y))
+        batches = tf.data.Dataset.from_tensor_slices((x[order, ..., None], y[order], w[order]))
+        history = model.fit(batches.batch(plan.batch_size), epochs=1, verbose=0)
+        losses.append(float(history.history["loss"][0]))
+        print(f"epoch {epoch + 1}/{plan.epochs}  loss {losses[-1]:.4f}", flush=True)
+    return losses
+
+
+def _normalized(raw_images: np.ndarray) -> np.ndarray:
+    from training.data import normalize_batch  # noqa: PLC0415 - only without augmentation
+
+    return normalize_batch(raw_images)
+
+
+def quantize(
+    model: keras.Model, raw_train: np.ndarray, labels: np.ndarray, plan: TrainingPlan
+) -> bytes:
+    """The int8 `.tflite` bytes, calibrated on training images as `quantize_model.py` does."""
+    calibration = calibration_images(raw_train, labels, plan.calibration_samples, plan.seed)
+    return bytes(convert(model, calibration))
+
+
+def float_accuracy(model: keras.Model, images: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy of the float Keras model on normalised images."""
+    if not len(labels):
+        return float("nan")
+    logits = np.concatenate(
+        [model(images[i : i + 500, ..., None], training=False) for i in range(0, len(images), 500)]
+    )
+    return float(np.mean(np.argmax(logits, axis=1) == labels))
+
+
+def predictions(model: DigitModel, images: np.ndarray) -> np.ndarray:
+    """The int8 model's digits for normalised images, through the service's own `DigitModel`."""
+    if not len(images):
+        return np.zeros(0, dtype=np.int64)
+    chunks = [model.predict(images[i : i + 32]) for i in range(0, len(images), 32)]
+    return np.argmax(np.concatenate(chunks), axis=1)
+
+
+def without_optimizer(model: keras.Model) -> keras.Model:
+    """A copy without the optimizer state (a third of the file, and nobody resumes from it)."""
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    for layer in copy.layers:
+        layer.trainable = True  # the next fine-tune decides what to freeze
+    return copy

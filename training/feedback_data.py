@@ -1,0 +1,154 @@
+"""Feedback as training data: read it (database or exported .npz), split off the newest for
+the gate, and weigh it so that a few hundred examples matter and no key outvotes the rest.
+
+Rules (stated here once, recorded in the report):
+- One example per (key fingerprint, image SHA-256): a key judging the same upload for two
+  versions gave one label for one image; its newest label wins.
+- The newest `holdout_fraction` of those examples (by time) is held out for gate (b); the
+  challenger never trains on them, nor on any other example of the same image.
+- Each training example weighs `feedback_weight` base samples (10), but one key fingerprint
+  weighs at most `per_key_cap` examples in all (50): a key with n > cap examples gets
+  cap / n per example. A flood from one key is worth 50 examples, not n.
+- All feedback together weighs at most `max_feedback_share` (0.5) of the base training set.
+- Fewer than `min_examples` (20) examples: a plain retrain on the base split; the feedback is
+  neither trained on nor used as a gate, and the report says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mnist_api.feedback import FeedbackRows, FeedbackStore
+
+NPZ_FIELDS = ("images", "labels", "predicted", "versions", "key_fingerprints", "sha256", "times")
+
+
+@dataclass(frozen=True)
+class FeedbackRules:
+    """How feedback enters training; see the module docstring."""
+
+    holdout_fraction: float = 0.25
+    min_examples: int = 20
+    feedback_weight: float = 10.0
+    per_key_cap: float = 50.0
+    max_feedback_share: float = 0.5
+
+
+def read_database(url: str) -> FeedbackRows:
+    """Every feedback row in the database at `url` (DATABASE_URL form), oldest first."""
+    store = FeedbackStore.from_url(url, timeout=30.0)
+    try:
+        return store.rows()
+    finally:
+        store.dispose()
+
+
+def export_npz(rows: FeedbackRows, path: Path) -> None:
+    """Write the rows as a plain .npz (no pickle: fixed-width text arrays, float16 images)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(
+        path,
+        images=rows.images.astype(np.float16),
+        labels=rows.labels,
+        predicted=rows.predicted,
+        versions=rows.versions.astype(str),
+        key_fingerprints=rows.key_fingerprints.astype(str),
+        sha256=rows.sha256.astype(str),
+        times=rows.times,
+    )
+
+
+def read_npz(path: Path) -> FeedbackRows:
+    """Rows exported by `export_npz` (loaded with pickle refused)."""
+    with np.load(path, allow_pickle=False) as data:
+        missing = [name for name in NPZ_FIELDS if name not in data]
+        if missing:
+            raise ValueError(f"{path} is not a feedback export: no {', '.join(missing)}")
+        return FeedbackRows(
+            images=data["images"].astype(np.float32).reshape(-1, 28, 28),
+            labels=data["labels"].astype(np.int64),
+            predicted=data["predicted"].astype(np.int64),
+            versions=data["versions"].astype(str),
+            key_fingerprints=data["key_fingerprints"].astype(str),
+            sha256=data["sha256"].astype(str),
+            times=data["times"].astype(np.float64),
+        )
+
+
+@dataclass(frozen=True)
+class FeedbackSplit:
+    """Feedback ready for training: weighted training examples and the held-out newest."""
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    train_weights: np.ndarray
+    holdout_images: np.ndarray
+    holdout_labels: np.ndarray
+    examples: int  # after one-per-(key, image)
+    rows: int  # as stored
+    keys: int
+    plain: bool  # too little feedback: a plain retrain
+
+    def describe(self, rules: FeedbackRules) -> str:
+        """One sentence for the log and the report."""
+        if self.plain:
+            return (
+                f"plain retrain: only {self.examples} feedback examples ({self.rows} rows), fewer "
+                f"than {rules.min_examples}; the feedback is not used"
+            )
+        return (
+            f"{self.rows} feedback rows from {self.keys} keys -> {self.examples} examples: "
+            f"{len(self.train_labels)} trained on (total weight "
+            f"{self.train_weights.sum():.0f} base samples), the newest {len(self.holdout_labels)} "
+            "held out for gate (b)"
+        )
+
+
+def one_per_key_and_image(rows: FeedbackRows) -> np.ndarray:
+    """Indices of the newest row of each (key fingerprint, image), in time order."""
+    newest: dict[tuple[str, str], int] = {}
+    for index in np.argsort(rows.times, kind="stable"):
+        newest[(str(rows.key_fingerprints[index]), str(rows.sha256[index]))] = int(index)
+    return np.array(sorted(newest.values(), key=lambda i: (rows.times[i], i)), dtype=np.int64)
+
+
+def key_weights(fingerprints: np.ndarray, rules: FeedbackRules) -> np.ndarray:
+    """Per example: `feedback_weight`, scaled down for keys with more than `per_key_cap`."""
+    keys, inverse, counts = np.unique(fingerprints, return_inverse=True, return_counts=True)
+    per_example = np.minimum(1.0, rules.per_key_cap / counts)
+    return rules.feedback_weight * per_example[inverse] if len(keys) else np.zeros(0)
+
+
+def split_feedback(rows: FeedbackRows, base_samples: int, rules: FeedbackRules) -> FeedbackSplit:
+    """Deduplicate, hold out the newest, and weigh the rest (see the module docstring)."""
+    chosen = one_per_key_and_image(rows)
+    keys = len(np.unique(rows.key_fingerprints)) if len(rows) else 0
+    if len(chosen) < rules.min_examples:
+        empty = np.zeros((0, 28, 28), np.float32)
+        none = np.zeros(0, np.int64)
+        return FeedbackSplit(
+            empty, none, np.zeros(0), empty, none, len(chosen), len(rows), keys, plain=True
+        )
+    holdout_count = max(1, round(len(chosen) * rules.holdout_fraction))
+    held, trained = chosen[-holdout_count:], chosen[:-holdout_count]
+    # Never train on an image that is in the holdout (another key may have judged it too).
+    held_images = set(rows.sha256[held].tolist())
+    trained = np.array([i for i in trained if rows.sha256[i] not in held_images], dtype=np.int64)
+    weights = key_weights(rows.key_fingerprints[trained], rules)
+    limit = rules.max_feedback_share * base_samples
+    if weights.sum() > limit:
+        weights = weights * (limit / weights.sum())
+    return FeedbackSplit(
+        train_images=rows.images[trained],
+        train_labels=rows.labels[trained],
+        train_weights=weights,
+        holdout_images=rows.images[held],
+        holdout_labels=rows.labels[held],
+        examples=len(chosen),
+        rows=len(rows),
+        keys=keys,
+        plain=False,
+    )
