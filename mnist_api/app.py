@@ -10,11 +10,13 @@ from loguru import logger
 
 from mnist_api import error_handlers, extensions, metrics, rate_limits, request_context, schemas
 from mnist_api.cache import CacheHooks, build_cache
-from mnist_api.config import Settings
+from mnist_api.config import MIB, Settings
+from mnist_api.decode_budget import DecodeBudget
 from mnist_api.job_store import build_job_store
 from mnist_api.jobs import JobService
 from mnist_api.logs import configure_logging
 from mnist_api.model import DigitModel
+from mnist_api.native_memory import return_large_blocks_to_os
 from mnist_api.preprocessing import ALLOWED_CONTENT_TYPES, Limits
 from mnist_api.routes import api, ops, web
 from mnist_api.service import PredictionService
@@ -51,9 +53,11 @@ def create_app(settings: Settings | None = None, *, load_model: bool = True) -> 
         settings, CacheHooks(metrics.record_cache_lookups, metrics.set_cache_degraded)
     )
     app.extensions[extensions.CACHE] = cache
+    return_large_blocks_to_os()  # so the decode budget bounds the worker's real memory
+    budget = DecodeBudget(settings.decode_memory_budget_mb * MIB, settings.decode_wait_seconds)
     service = app.extensions[extensions.SERVICE] = PredictionService(
         model,
-        Limits(max_pixels=settings.max_image_pixels),
+        Limits(max_pixels=settings.max_image_pixels, budget=budget),
         cache,
         low_confidence_threshold=settings.low_confidence_threshold,
     )

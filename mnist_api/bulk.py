@@ -21,7 +21,8 @@ from celery import Celery
 from tqdm import tqdm
 
 from mnist_api.cache import build_cache
-from mnist_api.config import Settings
+from mnist_api.config import MIB, Settings
+from mnist_api.decode_budget import DecodeBudget
 from mnist_api.errors import PayloadTooLarge, ServiceError
 from mnist_api.job_store import build_job_store
 from mnist_api.logs import configure_logging
@@ -107,7 +108,10 @@ def score_locally(
     model.load()
     service = PredictionService(
         model,
-        Limits(settings.max_image_pixels),
+        Limits(
+            settings.max_image_pixels,
+            DecodeBudget(settings.decode_memory_budget_mb * MIB, settings.decode_wait_seconds),
+        ),
         build_cache(settings),
         settings.low_confidence_threshold,
     )

@@ -107,3 +107,11 @@ class BrokerUnavailable(ServiceError):
     status = 503
     code = "broker_unavailable"
     message = "The job queue is unavailable right now; nothing was queued. Retry shortly."
+
+
+class Overloaded(ServiceError):
+    status = 503
+    code = "server_busy"
+    message = (
+        "The server is busy decoding other large images; retry after the time in 'Retry-After'."
+    )

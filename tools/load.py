@@ -110,10 +110,25 @@ def run_load(
     return result
 
 
-def rss_kib(pid: int) -> int:
-    """Resident memory of a process, from /proc."""
+def _status_kib(pid: int, field: str) -> int:
     with open(f"/proc/{pid}/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1])
-    raise LookupError(f"no VmRSS for {pid}")
+    raise LookupError(f"no {field} for {pid}")
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory of a process, from /proc."""
+    return _status_kib(pid, "VmRSS")
+
+
+def peak_rss_kib(pid: int) -> int:
+    """The most resident memory the process has had (`VmHWM`), since start or the last reset."""
+    return _status_kib(pid, "VmHWM")
+
+
+def reset_peak_rss(pid: int) -> None:
+    """Restart a process's peak counter from its current size (Linux: /proc/PID/clear_refs)."""
+    with open(f"/proc/{pid}/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
