@@ -32,7 +32,8 @@ threads = _settings.threads
 # SO_REUSEPORT balances too, but every worker recycle resets the connections queued on that
 # worker's own socket. The price is a TCP accept per request (~0.3 ms of worker CPU).
 worker_connections = threads
-# Heroku's router gives up after 30 s: answer (or fail) before it does.
+# A worker whose heartbeat stops this long (stuck booting, or its main loop blocked) is killed
+# and replaced. gthread workers beat while request threads run: no limit on one request.
 timeout = _settings.timeout
 graceful_timeout = 20
 keepalive = 0  # see worker_connections above

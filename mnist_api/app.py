@@ -18,11 +18,12 @@ from mnist_api.job_store import build_job_store
 from mnist_api.jobs import JobService
 from mnist_api.logs import configure_logging
 from mnist_api.model import MODEL_NAME
-from mnist_api.preprocessing import ALLOWED_CONTENT_TYPES, Limits
+from mnist_api.native_memory import return_large_blocks_to_os
+from mnist_api.preprocessing import ALLOWED_CONTENT_TYPES
 from mnist_api.registry import ModelRegistry
 from mnist_api.routes import api, feedback, ops, v2, web
 from mnist_api.routes import deployment as deployment_routes
-from mnist_api.service import PredictionService
+from mnist_api.service import PredictionService, limits_from
 from mnist_api.tasks import celery_init_app
 
 API_VERSION = "1.0.0"
@@ -59,10 +60,11 @@ def create_app(settings: Settings | None = None, *, load_model: bool = True) -> 
         settings, CacheHooks(metrics.record_cache_lookups, metrics.set_cache_degraded)
     )
     app.extensions[extensions.CACHE] = cache
+    return_large_blocks_to_os()  # so the decode budget bounds the worker's real memory
     router = _deployment_router(app, settings, registry)
     service = app.extensions[extensions.SERVICE] = PredictionService(
         registry,
-        Limits(max_pixels=settings.max_image_pixels),
+        limits_from(settings),
         cache,
         router,
         low_confidence_threshold=settings.low_confidence_threshold,

@@ -89,6 +89,10 @@ class Settings:
     batch_max_files: int = 64
     # Open Inference Protocol: most images in one `pixels` tensor (28x28 each).
     v2_max_pixels_batch: int = 1024
+    # Memory one worker lets its image decodes hold at once, and how long a decode waits for
+    # room before the client gets 503 server_busy (README: "Memory per worker").
+    decode_memory_budget_mb: int = 40
+    decode_wait_seconds: float = 2.0
     cors_origins: tuple[str, ...] = ("*",)
     redis_url: str = ""
     cache_ttl_seconds: int = 3600
@@ -141,6 +145,10 @@ class Settings:
             max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", cls.max_image_pixels, 1),
             batch_max_files=_int(env, "BATCH_MAX_FILES", cls.batch_max_files, 1),
             v2_max_pixels_batch=_int(env, "V2_MAX_PIXELS_BATCH", cls.v2_max_pixels_batch, 1),
+            decode_memory_budget_mb=_int(
+                env, "DECODE_MEMORY_BUDGET_MB", cls.decode_memory_budget_mb, 1
+            ),
+            decode_wait_seconds=_float(env, "DECODE_WAIT_SECONDS", cls.decode_wait_seconds),
             cors_origins=_list(env, "CORS_ORIGINS") or cls.cors_origins,
             redis_url=_text(env, "REDIS_URL", cls.redis_url),
             cache_ttl_seconds=_int(env, "CACHE_TTL_SECONDS", cls.cache_ttl_seconds, 1),

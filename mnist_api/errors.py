@@ -155,3 +155,11 @@ class FeedbackUnavailable(ServiceError):
         "The feedback store is unavailable right now; nothing was recorded. Predictions are "
         "not affected. Retry shortly."
     )
+
+
+class Overloaded(ServiceError):
+    status = 503
+    code = "server_busy"
+    message = (
+        "The server is busy decoding other large images; retry after the time in 'Retry-After'."
+    )

@@ -12,16 +12,26 @@ service uses, so what the model sees at serving time is what it saw in training.
 from __future__ import annotations
 
 import io
-import warnings
+import sys
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-from mnist_api.errors import BlankImage, ImageTooLarge, InvalidImage, UnsupportedMediaType
-
-# The kinds a client may send, decided from the bytes (Pillow's own sniffing), never the name.
-ALLOWED_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP")
+from mnist_api.decode_budget import DecodeBudget
+from mnist_api.decoding import (
+    MAX_WORK_PIXELS,
+    Header,
+    coarsest_scale,
+    decode_cost,
+    decode_reduced,
+    fit_scale,
+    open_image,
+    read_header,
+    work_pixels,
+)
+from mnist_api.errors import BlankImage
 
 # Raw-body Content-Types accepted by /predict; the bytes still decide the real kind.
 ALLOWED_CONTENT_TYPES = frozenset(
@@ -40,9 +50,6 @@ ALLOWED_CONTENT_TYPES = frozenset(
 MNIST_SIZE = 28
 DIGIT_BOX = 20  # MNIST scaled each digit's longer side to 20 px inside the 28x28 field.
 
-# Work at no more than this many pixels on the shorter side: enough for a digit that fills a
-# fifth of a photo to keep ~50 px, and it lets a 12-megapixel JPEG decode at 1/8 scale.
-WORK_SHORT_SIDE = 256
 # A digit found smaller than this (longer side, in working pixels) is decoded again at a
 # finer scale, so a small digit in a large photo keeps its strokes.
 MIN_DIGIT_PIXELS = 48
@@ -57,144 +64,88 @@ class Limits:
     """Caps applied while decoding an upload."""
 
     max_pixels: int = 50_000_000
+    # The process's memory budget for decodes (the app gives every worker one); None leaves
+    # decodes unbounded (tests, training, tools).
+    budget: DecodeBudget | None = None
+
+    @property
+    def capacity(self) -> int:
+        """The most bytes one decode may cost."""
+        return self.budget.capacity if self.budget is not None else sys.maxsize
+
+    def reserve(self, cost: int) -> AbstractContextManager[None]:
+        """Hold `cost` bytes of the budget while decoding (see `DecodeBudget.reserve`)."""
+        return self.budget.reserve(cost) if self.budget is not None else nullcontext()
 
 
 def preprocess(data: bytes, limits: Limits | None = None) -> np.ndarray:
     """Decode an upload and return the model's input: float32 (28, 28) in [0, 1], ink = 1.
 
-    Raises `InvalidImage`, `UnsupportedMediaType`, `ImageTooLarge` or `BlankImage`.
+    Raises `InvalidImage`, `UnsupportedMediaType`, `ImageTooLarge`, `BlankImage`, or
+    `Overloaded` when the worker's decode budget stayed full for too long.
     """
     limits = limits or Limits()
-    image = open_image(data, limits)
-    scale = _coarsest_scale(image.size)
-    grey, alpha = _decode_grey(image, scale)
-    digit = _find_digit(grey, alpha)
-    if digit is not None and scale > 1 and max(digit.shape) < MIN_DIGIT_PIXELS:
-        # A small digit in a big image: decode again with enough pixels for its strokes.
-        finer = _finer_scale(scale, max(digit.shape))
-        grey, alpha = _decode_grey(open_image(data, limits), finer)
-        digit = _find_digit(grey, alpha)
-    if digit is None:
-        raise BlankImage()
-    return _to_mnist_field(digit)
+    image = open_image(data, limits.max_pixels)
+    header = read_header(image, data)
+    scale = fit_scale(header, coarsest_scale(header), limits.capacity)
+    with limits.reserve(decode_cost(header, scale)):
+        digit = _decode_digit(image, scale)
+        del image  # a WEBP decoder keeps a full-size canvas until its image object goes
+        finer = scale
+        if digit is not None and scale > 1 and max(digit.shape) < MIN_DIGIT_PIXELS:
+            finer = _finer_scale(header, scale, max(digit.shape), limits.capacity)
+        if finer == scale:
+            return _to_mnist_field(digit)
+    # A small digit in a big image: decode again with enough pixels for its strokes (the
+    # first decode's memory is released; this one reserves its own).
+    del digit
+    with limits.reserve(decode_cost(header, finer)):
+        return _to_mnist_field(_decode_digit(open_image(data, limits.max_pixels), finer))
 
 
-def open_image(data: bytes, limits: Limits) -> Image.Image:
-    """Identify the image kind from its bytes and check its pixel count from the header.
+def _decode_digit(image: Image.Image, scale: int) -> np.ndarray | None:
+    """Decode at 1/scale and find the digit (None if the image is blank)."""
+    grey, alpha = _grey_and_alpha(decode_reduced(image, scale))
+    return _find_digit(grey, alpha)
 
-    Nothing is decoded here: Pillow reads only the header, so a decompression bomb is
-    refused before it costs memory.
+
+def _finer_scale(header: Header, scale: int, digit_pixels: int, capacity: int) -> int:
+    """The coarsest scale at which a digit now `digit_pixels` long reaches MIN_DIGIT_PIXELS.
+
+    Never so fine that the working image passes MAX_WORK_PIXELS or the decode `capacity`.
     """
-    if not data:
-        raise InvalidImage()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLarge() from exc
-    except UnidentifiedImageError as exc:
-        if _is_known_other_kind(data):
-            raise UnsupportedMediaType() from exc
-        raise InvalidImage() from exc
-    except Exception as exc:  # a malformed header can raise almost anything inside Pillow
-        raise InvalidImage() from exc
-    width, height = image.size
-    if width <= 0 or height <= 0:
-        raise InvalidImage()
-    if width * height > limits.max_pixels:
-        raise ImageTooLarge()
-    return image
-
-
-def _is_known_other_kind(data: bytes) -> bool:
-    """True for readable files of a kind the service does not take (PDF, SVG, TIFF, ...)."""
-    head = data[:1024].lstrip(b"\xef\xbb\xbf \t\r\n")
-    if head.startswith(b"%PDF-"):
-        return True
-    if head.startswith((b"<svg", b"<?xml")) and b"<svg" in data[:4096]:
-        return True
-    if data[4:8] == b"ftyp":  # HEIC, AVIF and other ISO media files
-        return True
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            Image.open(io.BytesIO(data))  # any format Pillow knows: TIFF, ICO, PSD, ...
-    except Exception:
-        return False
-    return True
-
-
-def _coarsest_scale(size: tuple[int, int]) -> int:
-    """The largest power-of-two reduction that keeps the shorter side >= WORK_SHORT_SIDE."""
-    short = min(size)
-    scale = 1
-    while scale < 8 and short // (scale * 2) >= WORK_SHORT_SIDE:
-        scale *= 2
-    return scale
-
-
-def _finer_scale(scale: int, digit_pixels: int) -> int:
-    """The coarsest scale at which a digit now `digit_pixels` long reaches MIN_DIGIT_PIXELS."""
     while scale > 1 and digit_pixels < MIN_DIGIT_PIXELS:
-        scale //= 2
+        finer = scale // 2
+        if work_pixels(header, finer) > MAX_WORK_PIXELS or decode_cost(header, finer) > capacity:
+            break
+        scale = finer
         digit_pixels *= 2
     return scale
 
 
-def _decode_grey(image: Image.Image, scale: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """Decode at 1/scale, upright, transparency on white; return grey (and alpha) as float32."""
-    full_width = image.width
-    try:
-        if scale > 1 and image.format == "JPEG":
-            # DCT-domain scaling straight to greyscale: a 12 MP photo decodes in a few ms.
-            image.draft("L", (image.width // scale, image.height // scale))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            image.load()
-            remaining = scale // max(1, round(full_width / image.width))
-            if remaining > 1:
-                # Box-average whatever draft mode did not reduce (and non-JPEG images).
-                image = _reducible(image).reduce(remaining)
-            if _may_be_rotated(image):
-                image = ImageOps.exif_transpose(image)
-            return _grey_and_alpha(image)
-    except Exception as exc:  # truncated data and decoder faults are the client's file
-        raise InvalidImage() from exc
-
-
-def _may_be_rotated(image: Image.Image) -> bool:
-    """True if the file carries EXIF or XMP metadata (where an orientation tag could be)."""
-    return any(key in image.info for key in ("exif", "xmp", "XML:com.adobe.xmp"))
-
-
-def _reducible(image: Image.Image) -> Image.Image:
-    """Convert the few modes `Image.reduce` refuses (bilevel, palette, 16-bit) first."""
-    if image.mode == "P":
-        return image.convert("RGBA" if "transparency" in image.info else "RGB")
-    if image.mode == "1":
-        return image.convert("L")
-    if image.mode.startswith("I;16"):
-        return image.convert("I")
-    return image
-
-
 def _grey_and_alpha(image: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
-    """Greyscale of the image composited onto white, plus its alpha channel if it has one."""
+    """Greyscale of the image composited onto white, plus its alpha channel if it has one.
+
+    Both are uint8 (float32 only for 16-bit and float images): the float32 copy is made
+    once, by `_ink`, so a large working image is not held as several float arrays.
+    """
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        values = np.asarray(image, dtype=np.float32)
+        values = np.array(image, dtype=np.float32)  # a writable copy, changed in place below
         if values.max(initial=0.0) > 255.0:
-            values = values / 257.0  # 16-bit samples: 65535 maps to 255
-        return np.clip(values, 0.0, 255.0), None
+            values /= 257.0  # 16-bit samples: 65535 maps to 255
+        np.clip(values, 0.0, 255.0, out=values)
+        return values, None
     has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
     if not has_alpha:
         grey = image if image.mode == "L" else image.convert("L")  # no copy when already L
-        return np.asarray(grey, dtype=np.float32), None
-    rgba = image.convert("RGBA")
+        return np.asarray(grey), None
+    rgba = image if image.mode == "RGBA" else image.convert("RGBA")
     white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    grey = Image.alpha_composite(white, rgba).convert("L")
-    alpha = np.asarray(rgba.getchannel("A"), dtype=np.float32)
-    return np.asarray(grey, dtype=np.float32), alpha
+    composite = Image.alpha_composite(white, rgba)
+    del white  # each full-size temporary goes as soon as the next step has its pixels
+    grey = composite.convert("L")
+    del composite
+    return np.asarray(grey), np.asarray(rgba.getchannel("A"))
 
 
 def _find_digit(grey: np.ndarray, alpha: np.ndarray | None) -> np.ndarray | None:
@@ -211,15 +162,18 @@ def _find_digit(grey: np.ndarray, alpha: np.ndarray | None) -> np.ndarray | None
 
 
 def _ink(grey: np.ndarray) -> np.ndarray | None:
-    """Map a grey image to ink strength in [0, 1] (background 0), or None if it is blank."""
+    """Map a grey image (uint8 or float32, 0-255) to ink strength in [0, 1] (background 0).
+
+    None if it is blank. Integer greys give exactly the values their float32 copy would.
+    """
     border = np.concatenate((grey[0, :], grey[-1, :], grey[:, 0], grey[:, -1]))
     background = float(np.median(border))
     if background > 127.5:
         # Dark ink on light paper: flip so the digit is light on dark, as in MNIST.
-        ink: np.ndarray = np.subtract(255.0, grey)
+        ink: np.ndarray = np.subtract(255.0, grey, dtype=np.float32)
         background = 255.0 - background
     else:
-        ink = grey.copy()
+        ink = grey.astype(np.float32)  # always a copy: the chain below works in place
     contrast = float(ink.max()) - background
     if contrast < MIN_CONTRAST:
         return None
@@ -237,8 +191,13 @@ def _ink(grey: np.ndarray) -> np.ndarray | None:
     return ink
 
 
-def _to_mnist_field(digit: np.ndarray) -> np.ndarray:
-    """Scale the cropped digit's longer side to 20 px and centre its mass in a 28x28 field."""
+def _to_mnist_field(digit: np.ndarray | None) -> np.ndarray:
+    """Scale the cropped digit's longer side to 20 px and centre its mass in a 28x28 field.
+
+    Raises `BlankImage` if there is no digit.
+    """
+    if digit is None:
+        raise BlankImage()
     height, width = digit.shape
     ratio = DIGIT_BOX / max(height, width)
     new_w = max(1, round(width * ratio))
@@ -269,10 +228,7 @@ def normalize_digit(grey: np.ndarray) -> np.ndarray:
     Used by training on MNIST arrays so the model learns exactly what the service feeds it.
     Raises `BlankImage` if there is no ink.
     """
-    digit = _find_digit(np.asarray(grey, dtype=np.float32), None)
-    if digit is None:
-        raise BlankImage()
-    return _to_mnist_field(digit)
+    return _to_mnist_field(_find_digit(np.asarray(grey, dtype=np.float32), None))
 
 
 def warm_up_upload() -> bytes:

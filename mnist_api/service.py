@@ -23,7 +23,8 @@ from PIL import Image
 from mnist_api import metrics
 from mnist_api import preprocessing as preprocessing_module
 from mnist_api.cache import PredictionCache, cache_key
-from mnist_api.config import Settings
+from mnist_api.config import MIB, Settings
+from mnist_api.decode_budget import DecodeBudget
 from mnist_api.errors import NotReady, ServiceError
 from mnist_api.model import BATCH_BUCKETS, NUM_CLASSES, DigitModel
 from mnist_api.preprocessing import Limits, preprocess, warm_up_upload
@@ -33,6 +34,12 @@ Prediction = dict[str, Any]
 
 # Six decimals keep the ten probabilities summing to 1 within 1e-5.
 DECIMALS = 6
+
+
+def limits_from(settings: Settings) -> Limits:
+    """The decoding limits of `settings`: the pixel cap and this process's memory budget."""
+    budget = DecodeBudget(settings.decode_memory_budget_mb * MIB, settings.decode_wait_seconds)
+    return Limits(max_pixels=settings.max_image_pixels, budget=budget)
 
 
 @cache
@@ -120,7 +127,7 @@ class PredictionService:
         registry.load()
         return cls(
             registry,
-            Limits(max_pixels=settings.max_image_pixels),
+            limits_from(settings),
             cache,
             SingleRouter(registry.default_version(settings.default_model_version)),
             settings.low_confidence_threshold,

@@ -1,6 +1,7 @@
 """Load and faults against real gunicorn (loopback, bounded, self-stopping).
 
-`make test` runs the short form (seconds); `make soak` runs the soak for 2 minutes.
+`make test` runs the short form (seconds); `make soak` runs the soak for 2 minutes. The soak
+mixes in large uploads and reports each worker's peak memory and Redis' memory at the end.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import os
 import signal
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +18,11 @@ import pytest
 import requests
 from PIL import Image
 
+from mnist_api.config import MIB, Settings
 from tests.samples import as_paper, encode, sample
 from tests.test_errors import pdf_file
-from tools.load import LoadResult, Shot, rss_kib, run_load
+from tests.test_upload_memory import issue_png, large_png, large_webp
+from tools.load import LoadResult, Shot, peak_rss_kib, reset_peak_rss, rss_kib, run_load
 from tools.redis_server import RedisServer
 from tools.services import start_web, stop
 
@@ -39,6 +43,16 @@ MIXED = [
 ]
 
 
+# Large uploads: decoded one at a time per worker within its decode budget (a 200, or a 503
+# with Retry-After when the budget stays full), and issue 15's upload, refused at once.
+LARGE = [
+    Shot("large_png", (200, 503), lambda n: large_png() + n.to_bytes(8, "big")),
+    Shot("large_webp", (200, 503), lambda n: large_webp() + n.to_bytes(8, "big"), "image/webp"),
+    Shot("too_costly_png", 413, lambda n: issue_png()),
+]
+STOCK = Settings()
+
+
 def describe(result: LoadResult) -> str:
     return (
         f"{result.sent} requests in {result.seconds:.1f} s "
@@ -49,23 +63,39 @@ def describe(result: LoadResult) -> str:
 
 def test_soak_mixed_traffic(tmp_path: Path, redis_server: RedisServer, soak_seconds: float) -> None:
     server = start_web(tmp_path, REDIS_URL=redis_server.url, GUNICORN_MAX_REQUESTS="0")
+    # About one request in seventeen is large: the small ones keep their share of the CPU.
+    shots = [replace(shot, weight=shot.weight * 4) for shot in MIXED] + LARGE
     try:
         pids = sorted(server.worker_pids_when(2))
         warm = run_load(
-            server.url, server.api_key, MIXED, seconds=min(3.0, soak_seconds / 4), concurrency=32
+            server.url, server.api_key, shots, seconds=min(3.0, soak_seconds / 4), concurrency=32
         )
         assert warm.server_errors == 0, describe(warm)
         before = {pid: rss_kib(pid) for pid in pids}
+        for pid in pids:
+            reset_peak_rss(pid)
         result = run_load(
-            server.url, server.api_key, MIXED, seconds=soak_seconds, concurrency=32, seed=1
+            server.url, server.api_key, shots, seconds=soak_seconds, concurrency=32, seed=1
         )
         after = {pid: rss_kib(pid) for pid in pids}
-        print(f"soak: {describe(result)}; worker RSS KiB {before} -> {after}")
+        peak = {pid: peak_rss_kib(pid) for pid in pids}
+        redis_memory = redis_server.client().info("memory")
+        print(
+            f"soak: {describe(result)}; {result.busy} told to retry (decode budget full); "
+            f"worker RSS KiB {before} -> {after}, peak RSS KiB {peak}; Redis used_memory "
+            f"{redis_memory['used_memory_human']}, used_memory_peak "
+            f"{redis_memory['used_memory_peak_human']}"
+        )
         assert result.server_errors == 0, describe(result)
         assert result.failures == 0, describe(result)  # every bad input got its own 4xx
-        assert set(result.by_shot) == {shot.name for shot in MIXED}
+        assert set(result.by_shot) == {shot.name for shot in shots}
+        # The README's worst case per worker: its settled size, the decode budget, and two
+        # copies of a request body per thread (these bodies are under 1 MiB), plus 8 MiB of
+        # allocator slack.
+        bound_kib = (STOCK.decode_memory_budget_mb + 2 * STOCK.threads + 8) * MIB // 1024
         for pid in pids:
             assert after[pid] < before[pid] * 1.10, (pid, before[pid], after[pid])
+            assert peak[pid] <= before[pid] + bound_kib, (pid, before[pid], peak[pid])
     finally:
         stop(server.process)
 
