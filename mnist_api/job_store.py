@@ -14,6 +14,7 @@ from typing import Protocol, TypeVar
 
 import redis
 
+from mnist_api import redis_clients
 from mnist_api.cache import LruTtlDict
 from mnist_api.errors import BrokerUnavailable
 
@@ -122,10 +123,7 @@ class MemoryJobStore:
 
 
 def build_job_store(redis_url: str, ttl_seconds: int) -> JobStore:
-    """Redis when configured (1 s timeouts: accepting a job may wait a little), else memory."""
+    """Redis when configured (the shared `JOBS` pool: 1 s timeouts), else memory."""
     if not redis_url:
         return MemoryJobStore(ttl_seconds)
-    options: dict[str, object] = {"socket_timeout": 1.0, "socket_connect_timeout": 1.0}
-    if redis_url.startswith("rediss://"):
-        options["ssl_cert_reqs"] = None  # Heroku Redis: self-signed certificate
-    return RedisJobStore(redis.Redis.from_url(redis_url, **options), ttl_seconds)
+    return RedisJobStore(redis_clients.client(redis_url, redis_clients.JOBS), ttl_seconds)

@@ -17,6 +17,7 @@ from flask import Flask, request
 from flask_limiter import Limiter
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+from mnist_api import redis_clients
 from mnist_api.auth import API_KEY_HEADER, key_fingerprint, key_matches
 from mnist_api.config import Settings
 from mnist_api.extensions import get_settings
@@ -42,9 +43,11 @@ def init_app(app: Flask, settings: Settings, limited: APIBlueprint) -> Limiter |
         return None
     storage_options: dict[str, Any] = {}
     if settings.redis_url:
-        storage_options = {"socket_timeout": 0.2, "socket_connect_timeout": 0.2}
-        if settings.redis_url.startswith("rediss://"):
-            storage_options["ssl_cert_reqs"] = None  # Heroku Redis: self-signed certificate
+        # limits' RedisStorage takes a ready pool: this process's shared `LIMITS` pool, so
+        # the URL's TLS decision and the timeouts are made in one place.
+        storage_options = {
+            "connection_pool": redis_clients.pool(settings.redis_url, redis_clients.LIMITS)
+        }
     limiter = Limiter(
         key_func=rate_limit_key,
         app=app,

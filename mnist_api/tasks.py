@@ -8,7 +8,6 @@ tasks run in-process ("eager"), so `/predict_async` works under `make run` too.
 
 from __future__ import annotations
 
-import ssl
 import time
 from typing import Any
 
@@ -16,9 +15,11 @@ from celery import Celery, Task, shared_task
 from flask import Flask
 from loguru import logger
 
+from mnist_api.celery_results import backend_url
 from mnist_api.config import Settings
 from mnist_api.errors import ServiceError
 from mnist_api.extensions import get_job_store, get_service, get_settings
+from mnist_api.redis_clients import celery_tls_options
 
 CELERY = "celery"
 PREDICT_UPLOAD = "mnist_api.predict_upload"
@@ -64,11 +65,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         transport.update(unacked_restore_interval=1, unacked_restore_throttle=1)
     config.update(
         broker_url=settings.redis_url,
-        result_backend=settings.redis_url,
+        # Results through the shared `RESULTS` pool (its timeouts: 2 s, connect 1 s).
+        result_backend=backend_url(settings.redis_url),
         broker_transport_options=transport,
         result_backend_transport_options={"visibility_timeout": settings.broker_visibility_timeout},
-        redis_socket_timeout=2.0,
-        redis_socket_connect_timeout=1.0,
         # Accepting a job must fail fast (503) when Redis is down, not retry for seconds.
         task_publish_retry=True,
         task_publish_retry_policy={
@@ -78,10 +78,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "interval_max": 0.2,
         },
     )
-    if settings.redis_url.startswith("rediss://"):
-        # Heroku Redis: TLS with a self-signed certificate.
-        config["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_NONE}
-        config["redis_backend_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_NONE}
+    tls = celery_tls_options(settings.redis_url)
+    if tls is not None:
+        # The broker (kombu) makes its own connections; it gets the same TLS decision. The
+        # result backend uses the shared pool, but Celery checks the option is there.
+        config["broker_use_ssl"] = tls
+        config["redis_backend_use_ssl"] = tls
     return config
 
 
