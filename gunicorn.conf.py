@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -60,10 +59,15 @@ raw_env = [f"PROMETHEUS_MULTIPROC_DIR={metrics_dir}"]
 
 
 def on_starting(server: Any) -> None:
-    """Before any worker starts: an empty metrics folder."""
-    # Files left by a previous run would be summed into this run's numbers.
-    shutil.rmtree(metrics_dir, ignore_errors=True)
-    Path(metrics_dir).mkdir(parents=True, exist_ok=True)
+    """Before any worker starts: a metrics folder without a previous run's samples."""
+    folder = Path(metrics_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    # Sample files left by a previous run would be summed into this run's numbers. Only
+    # prometheus_client's own `*.db` files go: PROMETHEUS_MULTIPROC_DIR may name a folder
+    # that holds other things (a mounted volume, a home directory), which are not ours.
+    for samples in folder.glob("*.db"):
+        if samples.is_file():
+            samples.unlink(missing_ok=True)
 
 
 def child_exit(server: Any, worker: Any) -> None:
