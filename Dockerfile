@@ -8,10 +8,13 @@
 #   docker run --rm -p 8000:8000 -e API_KEY=change-me mnist-api
 FROM python:3.11.7-slim
 
+# PROXY_FIX_X_FOR=0: `docker run -p` puts no proxy in front, so X-Forwarded-For is the
+# client's own word and is not trusted for per-IP rate limits (set it behind a proxy).
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PORT=8000
+    PORT=8000 \
+    PROXY_FIX_X_FOR=0
 
 WORKDIR /app
 

@@ -90,7 +90,9 @@ class Settings:
     broker_visibility_timeout: int = 3600
     task_delay_seconds: float = 0.0  # test and demo only: makes a running task observable
     rate_limit: str = "120/minute"
-    proxy_fix_x_for: int = 1
+    # Trust X-Forwarded-For only when told how many proxies append it (app.json: 1 on
+    # Heroku); otherwise any client could send a new one per request and escape the limits.
+    proxy_fix_x_for: int = 0
     log_level: str = "INFO"
     log_format: str = "json"
     # Metrics: the multiprocess folder is set by gunicorn.conf.py for its workers.

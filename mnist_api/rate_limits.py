@@ -2,7 +2,8 @@
 
 Counts live in Redis when `REDIS_URL` is set (one count across workers and dynos), else in
 memory. A request with a valid key is counted against that key; anything else (no key, a
-wrong key) against the client's IP, so rotating made-up keys does not escape the limit. If
+wrong key) against the client's IP, so rotating made-up keys does not escape the limit.
+That IP is the TCP peer unless `PROXY_FIX_X_FOR` trusts proxies (Heroku's router). If
 the limiter's Redis fails, requests are still served (fail open, logged) and counted in
 memory until Redis answers again. Public routes (/healthz, /readyz, /metrics, the page)
 are not limited.
@@ -32,10 +33,12 @@ def rate_limit_key() -> str:
 
 
 def init_app(app: Flask, settings: Settings, limited: APIBlueprint) -> Limiter | None:
-    """Trust the router's X-Forwarded-For, then limit the routes of `limited`."""
+    """Trust X-Forwarded-For if told to (PROXY_FIX_X_FOR), then limit the routes of `limited`."""
     if settings.proxy_fix_x_for > 0:
         # Heroku's router (one hop) appends the client's address: without this every
-        # request would come from the router and share one IP bucket.
+        # request would come from the router and share one IP bucket. Without a proxy in
+        # front (docker run, compose) the header is the client's own word, so it is only
+        # trusted when PROXY_FIX_X_FOR says how many proxies append to it.
         app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
             app.wsgi_app, x_for=settings.proxy_fix_x_for, x_proto=settings.proxy_fix_x_for
         )
