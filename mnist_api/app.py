@@ -58,10 +58,13 @@ def create_app(settings: Settings | None = None, *, load_model: bool = True) -> 
         low_confidence_threshold=settings.low_confidence_threshold,
     )
 
-    app.extensions[extensions.JOB_STORE] = job_store = build_job_store(
-        settings.redis_url, settings.result_expires_seconds
+    app.extensions[extensions.JOB_STORE] = job_store = build_job_store(settings)
+    app.extensions[extensions.JOBS] = JobService(
+        service,
+        job_store,
+        celery_init_app(app, settings),
+        max_upload_bytes=settings.async_max_upload_bytes,
     )
-    app.extensions[extensions.JOBS] = JobService(service, job_store, celery_init_app(app, settings))
 
     CORS(
         app,

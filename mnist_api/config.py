@@ -17,6 +17,8 @@ from limits import parse_many
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MIB = 1024 * 1024
+# What a queued upload costs Redis besides its bytes (mnist_api.job_store charges it).
+UPLOAD_OVERHEAD_BYTES = 2048
 
 
 class ConfigError(ValueError):
@@ -86,9 +88,13 @@ class Settings:
     cache_socket_timeout: float = 0.1
     cache_retry_seconds: float = 1.0
     # Async jobs (Celery on REDIS_URL; in-process "eager" mode without it)
-    result_expires_seconds: int = 86_400
+    # Results and issued ids are polled within minutes; an hour bounds what Redis holds.
+    result_expires_seconds: int = 3600
     broker_visibility_timeout: int = 3600
     task_delay_seconds: float = 0.0  # test and demo only: makes a running task observable
+    # Uploads wait in Redis until their task ran: cap each one and all of them together.
+    async_max_upload_bytes: int = 2 * MIB
+    async_queue_max_bytes: int = 8 * MIB
     rate_limit: str = "120/minute"
     # Trust X-Forwarded-For only when told how many proxies append it (app.json: 1 on
     # Heroku); otherwise any client could send a new one per request and escape the limits.
@@ -133,6 +139,10 @@ class Settings:
                 env, "BROKER_VISIBILITY_TIMEOUT", cls.broker_visibility_timeout, 1
             ),
             task_delay_seconds=_float(env, "TASK_DELAY_SECONDS", cls.task_delay_seconds),
+            async_max_upload_bytes=_int(
+                env, "ASYNC_MAX_UPLOAD_BYTES", cls.async_max_upload_bytes, 1
+            ),
+            async_queue_max_bytes=_int(env, "ASYNC_QUEUE_MAX_BYTES", cls.async_queue_max_bytes, 1),
             rate_limit=_rate_limit(env.get("RATE_LIMIT"), cls.rate_limit),
             proxy_fix_x_for=_int(env, "PROXY_FIX_X_FOR", cls.proxy_fix_x_for, 0),
             log_level=_text(env, "LOG_LEVEL", cls.log_level).upper(),
@@ -162,6 +172,13 @@ class Settings:
             )
         if self.log_format not in ("json", "text"):
             raise ConfigError(f"LOG_FORMAT must be 'json' or 'text', got {self.log_format!r}")
+        if self.async_queue_max_bytes < self.async_max_upload_bytes + UPLOAD_OVERHEAD_BYTES:
+            raise ConfigError(
+                "ASYNC_QUEUE_MAX_BYTES must be at least ASYNC_MAX_UPLOAD_BYTES + "
+                f"{UPLOAD_OVERHEAD_BYTES}, or no async upload of the largest allowed size could "
+                f"ever be queued (got {self.async_queue_max_bytes} for uploads of up to "
+                f"{self.async_max_upload_bytes} bytes)."
+            )
         if not self.model_path.is_file():
             raise ConfigError(
                 f"MODEL_PATH points to no file ({self.model_path.name}); run `make model` "

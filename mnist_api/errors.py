@@ -103,6 +103,22 @@ class NotReady(ServiceError):
     message = "The model is not loaded yet; retry in a moment."
 
 
+class QueueFull(ServiceError):
+    status = 503
+    code = "queue_full"
+    message = (
+        "Too many uploads are waiting for a worker right now; nothing was queued. Retry after "
+        "the time in 'Retry-After'."
+    )
+
+    def __init__(self, message: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message, {"Retry-After": str(QUEUE_FULL_RETRY_AFTER), **(headers or {})})
+
+
+# Seconds a client is asked to wait when the async queue's upload budget is full.
+QUEUE_FULL_RETRY_AFTER = 30
+
+
 class BrokerUnavailable(ServiceError):
     status = 503
     code = "broker_unavailable"

@@ -11,13 +11,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from celery import Celery, Task, shared_task
+from celery import Celery, Task, shared_task, states
 from flask import Flask
 from loguru import logger
 
 from mnist_api.celery_results import backend_url
 from mnist_api.config import Settings
-from mnist_api.errors import ServiceError
+from mnist_api.errors import BrokerUnavailable, ServiceError
 from mnist_api.extensions import get_job_store, get_service, get_settings
 from mnist_api.redis_clients import celery_tls_options
 
@@ -95,11 +95,45 @@ def celery_init_app(app: Flask, settings: Settings) -> Celery[Any]:
             with app.app_context():
                 return self.run(*args, **kwargs)
 
+        def after_return(  # noqa: PLR0917 - Celery's handler signature
+            self,
+            status: str,
+            retval: Any,
+            task_id: str,
+            args: Any,
+            kwargs: Any,
+            einfo: Any,
+        ) -> None:
+            # Called once the outcome is stored (also by the worker's main process when the
+            # hard time limit killed the task). A retry is not an end: the upload stays.
+            if status in states.READY_STATES:
+                with app.app_context():
+                    release_uploads(self.name, task_id, list(args or ()))
+
     celery_app: Celery[Any] = Celery("mnist_api", task_cls=FlaskTask)
     celery_app.config_from_object(celery_config(settings))
     celery_app.set_default()
     app.extensions[CELERY] = celery_app
     return celery_app
+
+
+def held_uploads(task_name: str, args: list[Any]) -> list[str]:
+    """The upload hashes a task of `task_name` with `args` holds."""
+    if task_name == PREDICT_UPLOAD and args:
+        return [str(args[0])]
+    if task_name == PREDICT_UPLOADS and args:
+        return [str(sha) for sha in args[0]]
+    return []
+
+
+def release_uploads(task_name: str, task_id: str, args: list[Any]) -> None:
+    """The task has run: drop its hold on its uploads, which deletes those nobody else holds."""
+    sha256s = held_uploads(task_name, args)
+    try:
+        get_job_store().release_uploads(sha256s, holder=task_id)
+    except BrokerUnavailable:
+        # Redis is down: the uploads go with their TTL instead, and the outcome stands.
+        logger.warning("could not release the uploads of task {}", task_id)
 
 
 def _pause_for_tests() -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import subprocess
 import sys
+import threading
+import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -44,7 +46,9 @@ def fill(folder: Path) -> None:
     (folder / ".DS_Store").write_bytes(b"\0\0")  # hidden files are skipped
 
 
-def run_bulk(source: Path, out: Path, **env: str) -> subprocess.CompletedProcess[str]:
+def run_bulk(
+    source: Path, out: Path, *options: str, **env: str
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [
             sys.executable,
@@ -55,6 +59,7 @@ def run_bulk(source: Path, out: Path, **env: str) -> subprocess.CompletedProcess
             str(out),
             "--chunk-size",
             "4",
+            *options,
         ],
         cwd=PROJECT_ROOT,
         env=venv_env(LOG_LEVEL="WARNING", **env),
@@ -132,3 +137,53 @@ def test_missing_input_is_a_usage_error(tmp_path: Path) -> None:
     done = run_bulk(tmp_path / "nowhere", tmp_path / "out.csv", REDIS_URL="")
     assert done.returncode == 2
     assert "does not exist" in done.stderr
+
+
+def test_bulk_keeps_few_chunks_in_redis_and_leaves_nothing(
+    tmp_path: Path, redis_server: RedisServer, start_worker: Callable[..., Worker]
+) -> None:
+    """At most --max-in-flight chunks wait in Redis at once; afterwards Redis is as before."""
+    source = tmp_path / "many"
+    source.mkdir()
+    for n in range(16):  # distinct bytes: 16 uploads, 8 chunks of 2
+        (source / f"{n:02}.png").write_bytes(encode(as_paper(sample(n % 10))) + bytes([n]))
+    # slow tasks, so a submit-everything run would show; cache entries that expire quickly
+    start_worker(TASK_DELAY_SECONDS="0.3", CACHE_TTL_SECONDS="2")
+    baseline = set(redis_server.client().keys("*"))  # only Celery's _kombu.binding* keys
+    peak = [0]
+    done = threading.Event()
+
+    def watch() -> None:
+        watcher = redis_server.client()
+        while not done.is_set():
+            peak[0] = max(peak[0], len(watcher.keys("upload:*")))
+            time.sleep(0.01)
+
+    watching = threading.Thread(target=watch)
+    watching.start()
+    try:
+        out = tmp_path / "many.csv"
+        finished = run_bulk(
+            source,
+            out,
+            "--chunk-size",
+            "2",
+            "--max-in-flight",
+            "2",
+            REDIS_URL=redis_server.url,
+            API_KEYS=API_KEYS[0],
+        )
+    finally:
+        done.set()
+        watching.join()
+    assert finished.returncode == 0, finished.stderr
+    rows = read_rows(out)
+    assert len(rows) == 16 and all(row["error_code"] == "" for row in rows.values())
+    assert 1 <= peak[0] <= 4  # 2 chunks x 2 uploads, never the whole folder
+    # uploads and results are gone at once; what is left is the prediction cache ...
+    left = set(redis_server.client().keys("*")) - baseline
+    assert left and all(key.startswith(b"pred:") for key in left), left
+    deadline = time.monotonic() + 30
+    while set(redis_server.client().keys("*")) != baseline and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert set(redis_server.client().keys("*")) == baseline  # ... until CACHE_TTL_SECONDS

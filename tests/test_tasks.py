@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import uuid
@@ -12,7 +13,7 @@ from apiflask import APIFlask
 from flask.testing import FlaskClient
 
 from mnist_api.app import create_app
-from mnist_api.config import Settings
+from mnist_api.config import UPLOAD_OVERHEAD_BYTES, ConfigError, Settings
 from mnist_api.tasks import celery_config
 from tests.samples import as_paper, encode, sample
 from tests.test_errors import BAD_FILES, assert_contract_error
@@ -183,6 +184,7 @@ def test_eager_mode_without_a_broker(client: FlaskClient, auth: dict[str, str]) 
     body = client.get(f"/tasks/{task_id}", headers=auth).get_json()
     assert body["state"] == "SUCCESS"
     assert body["result"]["prediccion"] in range(10)
+    assert client.application.extensions["mnist_job_store"].held_bytes() == 0  # released
 
 
 def test_celery_settings(settings: Settings) -> None:
@@ -193,3 +195,102 @@ def test_celery_settings(settings: Settings) -> None:
     assert config["result_expires"] == settings.result_expires_seconds
     assert config["broker_use_ssl"]["ssl_cert_reqs"] == 0  # ssl.CERT_NONE
     assert celery_config(settings)["task_always_eager"] is True
+
+
+def keys(server: RedisServer) -> set[bytes]:
+    return set(server.client().keys("*"))
+
+
+def upload_keys(server: RedisServer) -> set[bytes]:
+    return {key for key in keys(server) if key.startswith(b"upload")}
+
+
+def wait_for_keys(server: RedisServer, expected: set[bytes], timeout: float = 30.0) -> None:
+    """Until Redis holds exactly `expected` (keys with a TTL go by themselves)."""
+    deadline = time.monotonic() + timeout
+    while keys(server) != expected and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert keys(server) == expected, keys(server) - expected
+
+
+def test_async_jobs_leave_nothing_behind(
+    settings: Settings,
+    redis_server: RedisServer,
+    start_worker: Callable[..., Worker],
+    auth: dict[str, str],
+) -> None:
+    """Uploads go when their task ran; results, ids and cache entries with their TTLs."""
+    short = {"RESULT_EXPIRES_SECONDS": "3", "CACHE_TTL_SECONDS": "3"}
+    start_worker(**short)
+    baseline = keys(redis_server)  # only Celery's own bindings: _kombu.binding*
+    assert all(key.startswith(b"_kombu.binding") for key in baseline), baseline
+    app = create_app(
+        settings.replace(redis_url=redis_server.url, result_expires_seconds=3, cache_ttl_seconds=3)
+    )
+    client = app.test_client()
+    uploads = [png(1), png(2), png(2), png(3) + b"\0"]  # two jobs share one upload
+    task_ids = [submit(client, data, auth) for data in uploads]
+    for task_id in task_ids:
+        poll(client, task_id, auth, "SUCCESS")
+    assert not upload_keys(redis_server)  # deleted when their tasks ran, not by the TTL
+    cached = submit(client, png(1), auth)  # answered from the cache at once
+    assert poll(client, cached, auth, "SUCCESS")["result"]["cached"] is True
+    assert not redis_server.client().pubsub_channels()  # no result channel left subscribed
+    wait_for_keys(redis_server, baseline)  # results, task ids and cache entries expired
+
+
+def test_jobs_sharing_an_upload_each_get_it(
+    queue_client: FlaskClient,
+    redis_server: RedisServer,
+    start_worker: Callable[..., Worker],
+    auth: dict[str, str],
+) -> None:
+    """The first task's cleanup must not take the upload from the second, still queued."""
+    data = png(9) + b"shared"
+    first, second = submit(queue_client, data, auth), submit(queue_client, data, auth)
+    sha = hashlib.sha256(data).hexdigest()
+    holders = redis_server.client().smembers(f"upload-holders:{sha}")
+    assert holders == {first.encode(), second.encode()}
+    start_worker()  # one process: the two tasks run one after the other
+    for task_id in (first, second):
+        assert poll(queue_client, task_id, auth, "SUCCESS")["result"]["prediccion"] in range(10)
+    assert not upload_keys(redis_server)
+
+
+def test_async_upload_cap_and_queue_budget(
+    settings: Settings,
+    redis_server: RedisServer,
+    start_worker: Callable[..., Worker],
+    auth: dict[str, str],
+) -> None:
+    uploads = [png(digit) for digit in range(4)]
+    size = max(len(data) for data in uploads)
+    budget = 3 * (size + UPLOAD_OVERHEAD_BYTES)  # each upload is charged its overhead too
+    app = create_app(
+        settings.replace(
+            redis_url=redis_server.url, async_max_upload_bytes=size, async_queue_max_bytes=budget
+        )
+    )
+    client = app.test_client()
+    headers = {**auth, "Content-Type": "image/png"}
+    too_big = client.post("/predict_async", data=uploads[0] + b"\0" * size, headers=headers)
+    assert_contract_error(too_big, 413, "payload_too_large")
+    accepted = [submit(client, data, auth) for data in uploads[:3]]  # no worker yet
+    full = client.post("/predict_async", data=uploads[3], headers=headers)
+    assert_contract_error(full, 503, "queue_full")
+    assert int(full.headers["Retry-After"]) > 0
+    assert app.extensions["mnist_job_store"].held_bytes() <= budget
+    start_worker()
+    for task_id in accepted:
+        poll(client, task_id, auth, "SUCCESS")
+    assert app.extensions["mnist_job_store"].held_bytes() == 0  # the budget is free again
+    poll(client, submit(client, uploads[3], auth), auth, "SUCCESS")
+
+
+def test_async_settings() -> None:
+    defaults = Settings.from_env({})
+    assert defaults.result_expires_seconds == 3600
+    assert defaults.async_max_upload_bytes == 2 * 1024 * 1024
+    assert defaults.async_queue_max_bytes == 8 * 1024 * 1024
+    with pytest.raises(ConfigError, match="ASYNC_QUEUE_MAX_BYTES"):
+        Settings.from_env({"ASYNC_QUEUE_MAX_BYTES": "10", "API_KEY": "k"}).validate()
