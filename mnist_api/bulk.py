@@ -30,7 +30,13 @@ from tqdm import tqdm
 
 from mnist_api.cache import build_cache
 from mnist_api.config import Settings
-from mnist_api.errors import BrokerUnavailable, PayloadTooLarge, QueueFull, ServiceError
+from mnist_api.errors import (
+    BrokerUnavailable,
+    DeadLettered,
+    PayloadTooLarge,
+    QueueFull,
+    ServiceError,
+)
 from mnist_api.job_store import build_job_store, cost
 from mnist_api.logs import configure_logging
 from mnist_api.model import DigitModel
@@ -46,6 +52,7 @@ WHY = {
     TASK_TIMEOUT: "No worker answered for this image's chunk in time (--timeout).",
     QueueFull.code: "Redis held too many waiting uploads for too long (--timeout).",
     BrokerUnavailable.code: "Redis could not be reached to queue or read this chunk.",
+    DeadLettered.code: "Every worker process that took this image's chunk died; it was given up.",
 }
 # Seconds between tries while other clients' uploads fill the queue's byte budget.
 QUEUE_FULL_PAUSE = 1.0
@@ -233,6 +240,12 @@ class WorkerScorer:
         code = submitted.error_code
         if code is None and submitted.task_id is not None:
             code, outcomes = self._wait(submitted.task_id, len(submitted.hashes))
+            # The task releases its uploads too, just after storing its result; releasing
+            # them here as well (a no-op if it did) frees them before the next chunk is
+            # sent, so no more than max_in_flight chunks are ever held, and a chunk given
+            # up on (--timeout) is not left waiting in Redis.
+            with contextlib.suppress(BrokerUnavailable):
+                self.store.release_uploads(submitted.hashes, holder=submitted.task_id)
             if code is None:
                 return outcomes
         return [failed(code or TASK_FAILED) for _ in submitted.hashes]
@@ -254,6 +267,8 @@ class WorkerScorer:
             return BrokerUnavailable.code, []
         if state == states.SUCCESS and isinstance(value, list) and len(value) == count:
             return None, value
+        if isinstance(value, DeadLettered):
+            return DeadLettered.code, []
         return TASK_FAILED, []
 
 

@@ -95,6 +95,12 @@ class Settings:
     # Uploads wait in Redis until their task ran: cap each one and all of them together.
     async_max_upload_bytes: int = 2 * MIB
     async_queue_max_bytes: int = 8 * MIB
+    # A message whose worker died is redelivered; after this many deliveries it is
+    # dead-lettered instead (a poison upload must not kill workers forever).
+    task_max_deliveries: int = 3
+    task_soft_time_limit: int = 60  # seconds; the task gets an exception (0: none)
+    task_time_limit: int = 120  # seconds; the process running it is killed (0: none)
+    task_crash_on_sha256: str = ""  # tests only: a worker process exits on this upload
     rate_limit: str = "120/minute"
     # Trust X-Forwarded-For only when told how many proxies append it (app.json: 1 on
     # Heroku); otherwise any client could send a new one per request and escape the limits.
@@ -143,6 +149,10 @@ class Settings:
                 env, "ASYNC_MAX_UPLOAD_BYTES", cls.async_max_upload_bytes, 1
             ),
             async_queue_max_bytes=_int(env, "ASYNC_QUEUE_MAX_BYTES", cls.async_queue_max_bytes, 1),
+            task_max_deliveries=_int(env, "TASK_MAX_DELIVERIES", cls.task_max_deliveries, 1),
+            task_soft_time_limit=_int(env, "TASK_SOFT_TIME_LIMIT", cls.task_soft_time_limit, 0),
+            task_time_limit=_int(env, "TASK_TIME_LIMIT", cls.task_time_limit, 0),
+            task_crash_on_sha256=_text(env, "TASK_CRASH_ON_SHA256", "").lower(),
             rate_limit=_rate_limit(env.get("RATE_LIMIT"), cls.rate_limit),
             proxy_fix_x_for=_int(env, "PROXY_FIX_X_FOR", cls.proxy_fix_x_for, 0),
             log_level=_text(env, "LOG_LEVEL", cls.log_level).upper(),

@@ -119,6 +119,24 @@ class QueueFull(ServiceError):
 QUEUE_FULL_RETRY_AFTER = 30
 
 
+class TaskFailed(ServiceError):
+    """A queued task that ended without an answer (its worker raised, or ran out of time)."""
+
+    status = 500
+    code = "task_failed"
+    message = "The prediction failed on the worker; send the image again."
+
+
+class DeadLettered(TaskFailed):
+    """A task whose message was delivered too often: each run killed its worker process."""
+
+    code = "dead_lettered"
+    message = (
+        "The worker processing this image stopped every time it tried; the job was given up. "
+        "Check the image, or send another."
+    )
+
+
 class BrokerUnavailable(ServiceError):
     status = 503
     code = "broker_unavailable"

@@ -36,6 +36,11 @@ T = TypeVar("T")
 UPLOAD_PREFIX = "upload:"
 HOLDERS_PREFIX = "upload-holders:"
 TASK_PREFIX = "task:"
+# Deliveries of each task's message, per retry (a hash: retry number -> deliveries).
+DELIVERIES_PREFIX = "deliveries:"
+# Ids of the tasks given up after too many deliveries, newest first, at most DEAD_LETTERS_KEPT.
+DEAD_LETTERS = "dead:tasks"
+DEAD_LETTERS_KEPT = 1000
 # The budget's bookkeeping: expiry time per held upload, its size, and the sum of sizes.
 HELD_EXPIRY = "uploads:expiry"
 HELD_SIZE = "uploads:size"
@@ -74,6 +79,15 @@ class JobStore(Protocol):
 
     def reachable(self) -> bool:
         """True if the store answers now."""
+
+    def record_delivery(self, task_id: str, retries: int) -> int:
+        """Count one more delivery of this retry of `task_id`; return how many so far."""
+
+    def clear_deliveries(self, task_id: str) -> None:
+        """Forget the counts of a task that has run."""
+
+    def dead_letter(self, task_id: str) -> None:
+        """Add `task_id` to the dead-letter list (for operators to look into)."""
 
 
 # KEYS: expiry zset, size hash, byte counter, then (upload, holders) per upload.
@@ -215,6 +229,35 @@ class RedisJobStore:
         except redis.RedisError:
             return False
 
+    def record_delivery(self, task_id: str, retries: int) -> int:
+        """HINCRBY deliveries:<id> <retries>, with the TTL (a message lives no longer)."""
+        key = DELIVERIES_PREFIX + task_id
+
+        def count() -> int:
+            pipe = self.client.pipeline()
+            pipe.hincrby(key, str(retries), 1)
+            pipe.expire(key, self.ttl_seconds)
+            return int(pipe.execute()[0])
+
+        return self._call(count)
+
+    def clear_deliveries(self, task_id: str) -> None:
+        """DEL deliveries:<id>, best effort (it expires with its TTL anyway)."""
+        with contextlib.suppress(redis.RedisError):
+            self.client.delete(DELIVERIES_PREFIX + task_id)
+
+    def dead_letter(self, task_id: str) -> None:
+        """LPUSH dead:tasks, trimmed to the newest DEAD_LETTERS_KEPT, with the TTL."""
+
+        def push() -> None:
+            pipe = self.client.pipeline()
+            pipe.lpush(DEAD_LETTERS, task_id)
+            pipe.ltrim(DEAD_LETTERS, 0, DEAD_LETTERS_KEPT - 1)
+            pipe.expire(DEAD_LETTERS, self.ttl_seconds)
+            pipe.execute()
+
+        self._call(push)
+
     @staticmethod
     def _call(operation: Callable[[], T]) -> T:
         try:
@@ -299,6 +342,16 @@ class MemoryJobStore:
     def reachable(self) -> bool:
         """Memory is always there."""
         return True
+
+    def record_delivery(self, task_id: str, retries: int) -> int:
+        """Eager tasks run in the process that accepted them: they are delivered once."""
+        return 1
+
+    def clear_deliveries(self, task_id: str) -> None:
+        """Nothing is counted."""
+
+    def dead_letter(self, task_id: str) -> None:
+        """Eager tasks are never dead-lettered."""
 
     def _held_bytes(self) -> int:
         return sum(cost(held.data) for held in self._uploads.values())

@@ -13,14 +13,19 @@ from kombu.exceptions import KombuError, OperationalError
 from loguru import logger
 from redis import RedisError
 
-from mnist_api.errors import BrokerUnavailable, PayloadTooLarge, TaskNotFound
+from mnist_api.errors import (
+    BrokerUnavailable,
+    DeadLettered,
+    PayloadTooLarge,
+    TaskFailed,
+    TaskNotFound,
+)
 from mnist_api.job_store import JobStore
 from mnist_api.service import PredictionService
 from mnist_api.tasks import PREDICT_UPLOAD
 
 # What can go wrong while handing a message to the broker.
 _BROKER_ERRORS = (OperationalError, KombuError, RedisError, ConnectionError, OSError, TimeoutError)
-_FAILED = "The prediction failed; send the image again."
 
 
 @dataclass
@@ -91,7 +96,8 @@ class JobService:
             # The upload itself was refused by the worker (e.g. it expired).
             return {"state": states.FAILURE, "status": value["error"], "code": value["code"]}
         if state in (states.FAILURE, states.SUCCESS):
-            return {"state": states.FAILURE, "status": _FAILED, "code": "internal_error"}
+            failure = value if isinstance(value, DeadLettered) else TaskFailed()
+            return {"state": states.FAILURE, "status": failure.message, "code": failure.code}
         if state == states.STARTED:
             return {"state": states.STARTED, "status": "The prediction is running."}
         # PENDING, RETRY, RECEIVED: queued and waiting for a worker.

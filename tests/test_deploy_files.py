@@ -65,6 +65,7 @@ NOT_IN_APP_JSON = {
     "MODEL_CARD_PATH": "the card ships next to the model",
     "PROMETHEUS_MULTIPROC_DIR": "gunicorn.conf.py sets it for its workers",
     "TASK_DELAY_SECONDS": "tests and demos only",
+    "TASK_CRASH_ON_SHA256": "tests only: makes a worker process exit on one upload",
 }
 COMPOSE_SERVICES = {"web", "worker", "redis", "prometheus", "grafana"}
 # Settings app.json gives another value than the service's default, and why.

@@ -294,3 +294,116 @@ def test_async_settings() -> None:
     assert defaults.async_queue_max_bytes == 8 * 1024 * 1024
     with pytest.raises(ConfigError, match="ASYNC_QUEUE_MAX_BYTES"):
         Settings.from_env({"ASYNC_QUEUE_MAX_BYTES": "10", "API_KEY": "k"}).validate()
+
+
+def final_state(
+    client: FlaskClient, task_id: str, auth: dict[str, str], timeout: float = 120.0
+) -> dict:
+    """Poll until SUCCESS or FAILURE (a 202-accepted job always ends in one of them)."""
+    deadline = time.monotonic() + timeout
+    body: dict = {}
+    while time.monotonic() < deadline:
+        response = client.get(f"/tasks/{task_id}", headers=auth)
+        assert response.status_code == 200, response.get_json()
+        body = response.get_json()
+        if body["state"] in ("SUCCESS", "FAILURE"):
+            return body
+        time.sleep(0.1)
+    raise TimeoutError(f"task {task_id} still {body} after {timeout} s")
+
+
+def test_poison_upload_is_dead_lettered_and_the_worker_goes_on(
+    queue_client: FlaskClient,
+    redis_server: RedisServer,
+    start_worker: Callable[..., Worker],
+    auth: dict[str, str],
+) -> None:
+    poison = png(4) + b"poison"
+    sha = hashlib.sha256(poison).hexdigest()
+    worker = start_worker(TASK_CRASH_ON_SHA256=sha)
+    task_id = submit(queue_client, poison, auth)
+    body = final_state(queue_client, task_id, auth)
+    assert body["state"] == "FAILURE" and body["code"] == "dead_lettered", body
+    assert body["status"]
+    # it killed its worker process on each of its 3 deliveries, then was not run again
+    assert worker.log().count("TASK_CRASH_ON_SHA256: this worker process exits now") == 3
+    server = redis_server.client()
+    assert server.lrange("dead:tasks", 0, -1) == [task_id.encode()]
+    assert 0 < server.ttl("dead:tasks") <= Settings().result_expires_seconds
+    assert not upload_keys(redis_server)  # its upload went with it
+    assert not server.keys("deliveries:*")
+    # the worker (its main process, with a fresh pool process) serves the next job
+    assert worker.process.poll() is None
+    assert poll(queue_client, submit(queue_client, png(5), auth), auth, "SUCCESS")
+
+
+def test_transient_redis_stall_is_retried(
+    settings: Settings,
+    redis_server: RedisServer,
+    start_worker: Callable[..., Worker],
+    auth: dict[str, str],
+) -> None:
+    """Redis stops answering while the task reads its upload: the task retries, then succeeds."""
+    worker = start_worker(TASK_DELAY_SECONDS="3")
+    client = create_app(settings.replace(redis_url=redis_server.url)).test_client()
+    task_id = submit(client, png(6) + b"stall", auth)
+    server = redis_server.client()
+    deadline = time.monotonic() + 60
+    while b'"STARTED"' not in (server.get(f"celery-task-meta-{task_id}") or b""):
+        assert time.monotonic() < deadline, "the task never started"
+        time.sleep(0.01)
+    # The task now sleeps 3 s, then reads its upload: Redis answers nobody for 3 s, so that
+    # read times out (the job store waits 1 s) and the task is retried with a backoff.
+    server.execute_command("CLIENT", "PAUSE", "3000", "ALL")
+    time.sleep(3.5)
+    done = poll(client, task_id, auth, "SUCCESS", timeout=60)
+    assert done["result"]["prediccion"] in range(10)
+    lines = [json.loads(line) for line in worker.log().splitlines() if line.startswith("{")]
+    assert any("retry" in line["message"].lower() for line in lines), worker.log()[-2000:]
+    assert not upload_keys(redis_server)
+
+
+@pytest.mark.parametrize(
+    ("soft", "hard", "expected_log"),
+    [(1, 30, "SoftTimeLimitExceeded"), (0, 2, "Hard time limit")],
+    ids=["soft", "hard"],
+)
+def test_a_task_that_hangs_fails_at_its_time_limit(
+    settings: Settings,
+    redis_server: RedisServer,
+    start_worker: Callable[..., Worker],
+    auth: dict[str, str],
+    soft: int,
+    hard: int,
+    expected_log: str,
+) -> None:
+    # The limits travel in the task message, so the web app sets them (as on Heroku, where
+    # web and worker dynos share the environment).
+    limits = {"TASK_SOFT_TIME_LIMIT": str(soft), "TASK_TIME_LIMIT": str(hard)}
+    worker = start_worker(TASK_DELAY_SECONDS="20", **limits)
+    client = create_app(
+        settings.replace(
+            redis_url=redis_server.url, task_soft_time_limit=soft, task_time_limit=hard
+        )
+    ).test_client()
+    task_id = submit(client, png(7) + b"hang", auth)
+    body = final_state(client, task_id, auth, timeout=60)
+    assert body["state"] == "FAILURE" and body["code"] == "task_failed", body
+    assert expected_log in worker.log()
+    # released even when the process was killed (the main process does it, just after it
+    # stored the FAILURE that the poll above saw)
+    deadline = time.monotonic() + 10
+    while upload_keys(redis_server) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not upload_keys(redis_server), worker.log()[-3000:]
+    assert worker.process.poll() is None
+
+
+def test_task_hardening_settings(settings: Settings) -> None:
+    defaults = Settings.from_env({})
+    assert (defaults.task_max_deliveries, defaults.task_crash_on_sha256) == (3, "")
+    config = celery_config(settings.replace(redis_url="redis://127.0.0.1:1/0"))
+    assert (config["task_soft_time_limit"], config["task_time_limit"]) == (60, 120)
+    assert config["worker_deduplicate_successful_tasks"] is True
+    unlimited = celery_config(settings.replace(task_soft_time_limit=0, task_time_limit=0))
+    assert unlimited["task_soft_time_limit"] is None and unlimited["task_time_limit"] is None
