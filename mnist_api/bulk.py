@@ -16,7 +16,6 @@ import hashlib
 import sys
 import time
 import uuid
-import zipfile
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,12 +27,12 @@ from kombu.exceptions import KombuError, OperationalError
 from redis import RedisError
 from tqdm import tqdm
 
+from mnist_api.bulk_inputs import Item, read_items
 from mnist_api.cache import build_cache
 from mnist_api.config import Settings
 from mnist_api.errors import (
     BrokerUnavailable,
     DeadLettered,
-    PayloadTooLarge,
     QueueFull,
     ServiceError,
 )
@@ -45,6 +44,7 @@ from mnist_api.service import PredictionService
 from mnist_api.tasks import PREDICT_UPLOADS, celery_config
 
 COLUMNS = ("file", "prediction", "probability", "error_code")
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 TASK_FAILED = "task_failed"
 TASK_TIMEOUT = "task_timeout"
 WHY = {
@@ -60,53 +60,28 @@ QUEUE_FULL_PAUSE = 1.0
 _BROKER_ERRORS = (OperationalError, KombuError, RedisError, ConnectionError, OSError, TimeoutError)
 
 
-@dataclass(frozen=True)
-class Item:
-    """One input file: its name in the folder or zip, and its bytes (None if refused)."""
-
-    name: str
-    data: bytes | None
-    error: ServiceError | None = None
-
-
-def read_items(source: Path, max_bytes: int) -> Iterator[Item]:
-    """Files of a folder (recursively, sorted) or members of a zip, skipping hidden ones."""
-    if zipfile.is_zipfile(source):
-        with zipfile.ZipFile(source) as archive:
-            for info in sorted(archive.infolist(), key=lambda i: i.filename):
-                if info.is_dir() or _hidden(info.filename):
-                    continue
-                # The header's size is checked before reading: a zip bomb is refused unread.
-                if info.file_size > max_bytes:
-                    yield Item(info.filename, None, PayloadTooLarge())
-                    continue
-                yield Item(info.filename, archive.read(info))
-        return
-    for path in sorted(p for p in source.rglob("*") if p.is_file()):
-        name = path.relative_to(source).as_posix()
-        if _hidden(name):
-            continue
-        if path.stat().st_size > max_bytes:
-            yield Item(name, None, PayloadTooLarge())
-            continue
-        yield Item(name, path.read_bytes())
-
-
-def _hidden(name: str) -> bool:
-    return any(part.startswith(".") or part == "__MACOSX" for part in name.split("/"))
-
-
 def row(name: str, outcome: dict[str, Any]) -> dict[str, Any]:
     """A CSV row from a task outcome ({"result": ...} or {"error", "code"})."""
+    cell = spreadsheet_safe(name)
     if "result" in outcome:
         result = outcome["result"]
         return {
-            "file": name,
+            "file": cell,
             "prediction": result["prediccion"],
             "probability": result["probabilidad"],
             "error_code": "",
         }
-    return {"file": name, "prediction": "", "probability": "", "error_code": outcome["code"]}
+    return {"file": cell, "prediction": "", "probability": "", "error_code": outcome["code"]}
+
+
+def spreadsheet_safe(text: str) -> str:
+    """`text` as a CSV cell that a spreadsheet shows and never runs.
+
+    Excel, LibreOffice and Google Sheets treat a cell starting with = + - @ (or a tab or
+    carriage return before one) as a formula: a file named `=HYPERLINK(...).png` would run
+    when the CSV is opened. A leading apostrophe makes it text (OWASP's "CSV injection").
+    """
+    return f"'{text}" if text.startswith(FORMULA_STARTS) else text
 
 
 def outcome_of(answer: dict[str, Any] | ServiceError) -> dict[str, Any]:
