@@ -19,7 +19,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 
 # The user the service runs as. The code below stays owned by root, so the service cannot
-# change it; it writes only to /tmp (gunicorn's Prometheus multiprocess folder).
+# change it; it writes only to /tmp (gunicorn's Prometheus multiprocess folder and, without
+# Redis, the folder where the workers share async task ids and results).
 RUN useradd --no-log-init --create-home --uid 10001 --user-group --shell /usr/sbin/nologin app
 
 # Requirements before code: this layer is rebuilt only when requirements.txt changes.

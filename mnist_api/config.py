@@ -101,6 +101,9 @@ class Settings:
     task_soft_time_limit: int = 60  # seconds; the task gets an exception (0: none)
     task_time_limit: int = 120  # seconds; the process running it is killed (0: none)
     task_crash_on_sha256: str = ""  # tests only: a worker process exits on this upload
+    # Without Redis: the folder where gunicorn's workers share async task ids and results
+    # (gunicorn.conf.py sets it); unset, they stay in the one process (tests, scripts).
+    local_jobs_dir: str = ""
     rate_limit: str = "120/minute"
     # Trust X-Forwarded-For only when told how many proxies append it (app.json: 1 on
     # Heroku); otherwise any client could send a new one per request and escape the limits.
@@ -153,6 +156,7 @@ class Settings:
             task_soft_time_limit=_int(env, "TASK_SOFT_TIME_LIMIT", cls.task_soft_time_limit, 0),
             task_time_limit=_int(env, "TASK_TIME_LIMIT", cls.task_time_limit, 0),
             task_crash_on_sha256=_text(env, "TASK_CRASH_ON_SHA256", "").lower(),
+            local_jobs_dir=_text(env, "LOCAL_JOBS_DIR", ""),
             rate_limit=_rate_limit(env.get("RATE_LIMIT"), cls.rate_limit),
             proxy_fix_x_for=_int(env, "PROXY_FIX_X_FOR", cls.proxy_fix_x_for, 0),
             log_level=_text(env, "LOG_LEVEL", cls.log_level).upper(),

@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol, TypeVar
 
 import redis
@@ -361,9 +362,77 @@ class MemoryJobStore:
             del self._uploads[sha]
 
 
+class FileJobStore(MemoryJobStore):
+    """Without Redis, under gunicorn: task ids shared by the workers of one machine.
+
+    Tasks run eagerly, inside the request that accepts them, so uploads stay in that
+    process's memory; but the poll of `/tasks/<id>` may land on any worker, so the ids are
+    files in `<folder>/tasks` and Celery's results files in `<folder>/results` (its file
+    system backend). Files older than the TTL are removed now and then.
+    """
+
+    PRUNE_EVERY_SECONDS = 60.0
+
+    def __init__(self, folder: Path, ttl_seconds: int, max_held_bytes: int) -> None:
+        super().__init__(ttl_seconds, max_held_bytes)
+        self.tasks = folder / "tasks"
+        self.results = local_results_folder(folder)
+        for path in (self.tasks, self.results):
+            path.mkdir(parents=True, exist_ok=True)
+        self._pruned_at = 0.0
+
+    def issue(self, task_id: str) -> None:
+        """Create tasks/<id> (its mtime says when)."""
+        self._prune()
+        self._task_file(task_id).touch()
+
+    def forget(self, task_id: str) -> None:
+        """Remove tasks/<id>."""
+        self._task_file(task_id).unlink(missing_ok=True)
+
+    def was_issued(self, task_id: str) -> bool:
+        """tasks/<id> exists and is younger than the TTL."""
+        try:
+            issued = self._task_file(task_id).stat().st_mtime
+        except OSError:
+            return False
+        return time.time() - issued < self.ttl_seconds
+
+    def prune(self) -> int:
+        """Remove task ids and results older than the TTL; return how many files went."""
+        cutoff = time.time() - self.ttl_seconds
+        removed = 0
+        for folder in (self.tasks, self.results):
+            for path in folder.iterdir():
+                with contextlib.suppress(OSError):  # another worker may prune it first
+                    if path.is_file() and path.stat().st_mtime < cutoff:
+                        path.unlink()
+                        removed += 1
+        return removed
+
+    def _prune(self) -> None:
+        now = time.monotonic()
+        if now - self._pruned_at >= self.PRUNE_EVERY_SECONDS:
+            self._pruned_at = now
+            self.prune()
+
+    def _task_file(self, task_id: str) -> Path:
+        # Only uuids reach here (the routes check them), so the name is a plain file name.
+        return self.tasks / task_id
+
+
+def local_results_folder(jobs_dir: Path) -> Path:
+    """Where Celery's file system result backend writes without Redis."""
+    return jobs_dir / "results"
+
+
 def build_job_store(settings: Settings) -> JobStore:
-    """Redis when configured (the shared `JOBS` pool: 1 s timeouts), else memory."""
+    """Redis when configured (the shared `JOBS` pool: 1 s timeouts); else files shared by
+    gunicorn's workers (LOCAL_JOBS_DIR); else this process's memory."""
     ttl, budget = settings.result_expires_seconds, settings.async_queue_max_bytes
-    if not settings.redis_url:
-        return MemoryJobStore(ttl, budget)
-    return RedisJobStore(redis_clients.client(settings.redis_url, redis_clients.JOBS), ttl, budget)
+    if settings.redis_url:
+        client = redis_clients.client(settings.redis_url, redis_clients.JOBS)
+        return RedisJobStore(client, ttl, budget)
+    if settings.local_jobs_dir:
+        return FileJobStore(Path(settings.local_jobs_dir), ttl, budget)
+    return MemoryJobStore(ttl, budget)

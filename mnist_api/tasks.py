@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from celery import Celery, Task, shared_task, states
@@ -28,6 +29,7 @@ from mnist_api.celery_results import backend_url
 from mnist_api.config import Settings
 from mnist_api.errors import BrokerUnavailable, DeadLettered, ServiceError
 from mnist_api.extensions import get_job_store, get_service, get_settings
+from mnist_api.job_store import local_results_folder
 from mnist_api.redis_clients import celery_tls_options
 
 CELERY = "celery"
@@ -64,10 +66,14 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_connection_retry_on_startup": True,
     }
     if not settings.redis_url:
+        # Results in this process's memory, or (under gunicorn) in files every worker reads.
+        results = "cache+memory://"
+        if settings.local_jobs_dir:
+            results = f"file://{local_results_folder(Path(settings.local_jobs_dir))}"
         config.update(
             task_always_eager=True,
             task_store_eager_result=True,
-            result_backend="cache+memory://",
+            result_backend=results,
         )
         return config
     transport: dict[str, Any] = {

@@ -66,6 +66,7 @@ NOT_IN_APP_JSON = {
     "PROMETHEUS_MULTIPROC_DIR": "gunicorn.conf.py sets it for its workers",
     "TASK_DELAY_SECONDS": "tests and demos only",
     "TASK_CRASH_ON_SHA256": "tests only: makes a worker process exit on one upload",
+    "LOCAL_JOBS_DIR": "only without Redis; gunicorn.conf.py sets it (Heroku has Redis)",
 }
 COMPOSE_SERVICES = {"web", "worker", "redis", "prometheus", "grafana"}
 # Settings app.json gives another value than the service's default, and why.

@@ -4,22 +4,27 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
+import requests
 from apiflask import APIFlask
 from flask.testing import FlaskClient
 
 from mnist_api.app import create_app
 from mnist_api.config import UPLOAD_OVERHEAD_BYTES, ConfigError, Settings
+from mnist_api.job_store import FileJobStore, local_results_folder
 from mnist_api.tasks import celery_config
 from tests.samples import as_paper, encode, sample
 from tests.test_errors import BAD_FILES, assert_contract_error
 from tests.worker_process import Worker
 from tools.redis_server import RedisServer
-from tools.services import free_port
+from tools.services import free_port, start_web, stop
 
 
 @pytest.fixture
@@ -407,3 +412,60 @@ def test_task_hardening_settings(settings: Settings) -> None:
     assert config["worker_deduplicate_successful_tasks"] is True
     unlimited = celery_config(settings.replace(task_soft_time_limit=0, task_time_limit=0))
     assert unlimited["task_soft_time_limit"] is None and unlimited["task_time_limit"] is None
+
+
+def test_without_redis_any_worker_answers_a_poll(tmp_path: Path) -> None:
+    """No REDIS_URL, several gunicorn workers: a poll that reaches another worker still finds
+    the task (ids and results are files the workers share), never a 404."""
+    jobs = tmp_path / "jobs"
+    server = start_web(
+        tmp_path, REDIS_URL="", WEB_CONCURRENCY="2", GUNICORN_THREADS="1", LOCAL_JOBS_DIR=str(jobs)
+    )
+    headers = {"x-api-key": server.api_key, "Connection": "close"}
+    try:
+        assert requests.get(f"{server.url}/readyz", timeout=10).json()["broker"] == "eager"
+        pids = server.worker_pids_when(2)
+        statuses: list[int] = []
+        for round_ in range(10):  # rounds until both workers have answered polls
+            accepted = []
+            for digit in range(5):
+                response = requests.post(
+                    f"{server.url}/predict_async",
+                    data=png(digit) + bytes([round_]),
+                    headers={**headers, "Content-Type": "image/png"},
+                    timeout=10,
+                )
+                assert response.status_code == 202, response.text
+                accepted.append(response.json()["status_url"])
+
+            def poll_once(url: str) -> tuple[int, str]:
+                answer = requests.get(f"{server.url}{url}", headers=headers, timeout=10)
+                return answer.status_code, answer.json().get("state", "")
+
+            with ThreadPoolExecutor(max_workers=4) as pool:
+                answers = list(pool.map(poll_once, accepted * 4))
+            statuses += [status for status, _ in answers]
+            assert answers == [(200, "SUCCESS")] * len(answers), answers
+            polled_by = {r["pid"] for r in server.records() if r.get("route") == "/tasks/<task_id>"}
+            if polled_by == pids:
+                break
+        assert polled_by == pids, "the polls never reached both workers"
+    finally:
+        stop(server.process)
+    assert statuses and set(statuses) == {200}
+    assert (jobs / "tasks").is_dir() and (jobs / "results").is_dir()
+
+
+def test_local_job_files_expire(tmp_path: Path) -> None:
+    store = FileJobStore(tmp_path / "jobs", ttl_seconds=60, max_held_bytes=1 << 20)
+    old, new = str(uuid.uuid4()), str(uuid.uuid4())
+    store.issue(old)
+    store.issue(new)
+    result = local_results_folder(tmp_path / "jobs") / f"celery-task-meta-{old}"
+    result.write_bytes(b"{}")
+    stale = time.time() - 120
+    for path in (tmp_path / "jobs" / "tasks" / old, result):
+        os.utime(path, (stale, stale))
+    assert not store.was_issued(old) and store.was_issued(new)
+    assert store.prune() == 2
+    assert sorted(p.name for p in (tmp_path / "jobs" / "tasks").iterdir()) == [new]
