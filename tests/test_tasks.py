@@ -357,10 +357,11 @@ def test_transient_redis_stall_is_retried(
     while b'"STARTED"' not in (server.get(f"celery-task-meta-{task_id}") or b""):
         assert time.monotonic() < deadline, "the task never started"
         time.sleep(0.01)
-    # The task now sleeps 3 s, then reads its upload: Redis answers nobody for 3 s, so that
-    # read times out (the job store waits 1 s) and the task is retried with a backoff.
-    server.execute_command("CLIENT", "PAUSE", "3000", "ALL")
-    time.sleep(3.5)
+    # The task now sleeps 3 s, then reads its upload: Redis answers nobody for 5 s, so that
+    # read (about 3 s from now) times out (the job store waits 1 s) and the task is retried
+    # with a backoff; sending the retry waits for the pause's last second.
+    server.execute_command("CLIENT", "PAUSE", "5000", "ALL")
+    time.sleep(5.5)
     done = poll(client, task_id, auth, "SUCCESS", timeout=60)
     assert done["result"]["prediccion"] in range(10)
     lines = [json.loads(line) for line in worker.log().splitlines() if line.startswith("{")]
