@@ -8,15 +8,19 @@
 #   docker run --rm -p 8000:8000 -e API_KEY=change-me mnist-api
 FROM python:3.11.7-slim
 
+# PROXY_FIX_X_FOR=0: `docker run -p` puts no proxy in front, so X-Forwarded-For is the
+# client's own word and is not trusted for per-IP rate limits (set it behind a proxy).
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PORT=8000
+    PORT=8000 \
+    PROXY_FIX_X_FOR=0
 
 WORKDIR /app
 
 # The user the service runs as. The code below stays owned by root, so the service cannot
-# change it; it writes only to /tmp (gunicorn's Prometheus multiprocess folder).
+# change it; it writes only to /tmp (gunicorn's Prometheus multiprocess folder and, without
+# Redis, the folder where the workers share async task ids and results).
 RUN useradd --no-log-init --create-home --uid 10001 --user-group --shell /usr/sbin/nologin app
 
 # Requirements before code: this layer is rebuilt only when requirements.txt changes.

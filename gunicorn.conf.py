@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -61,12 +60,31 @@ metrics_dir = _settings.prometheus_multiproc_dir or str(
 )
 raw_env = [f"PROMETHEUS_MULTIPROC_DIR={metrics_dir}"]
 
+# Without Redis, async tasks run inside the request that accepts them, but the client's poll
+# of /tasks/<id> may reach any worker: the workers share task ids and results as files in
+# this folder (one per port, like the metrics). Nothing in it is ever deleted here; the job
+# store removes its own files once they are older than RESULT_EXPIRES_SECONDS.
+jobs_dir = ""
+if not _settings.redis_url:
+    jobs_dir = _settings.local_jobs_dir or str(
+        Path(tempfile.gettempdir()) / f"mnist-api-jobs-{_settings.port}"
+    )
+    raw_env.append(f"LOCAL_JOBS_DIR={jobs_dir}")
+
 
 def on_starting(server: Any) -> None:
-    """Before any worker starts: an empty metrics folder, and the embedded database migrated."""
-    # Files left by a previous run would be summed into this run's numbers.
-    shutil.rmtree(metrics_dir, ignore_errors=True)
-    Path(metrics_dir).mkdir(parents=True, exist_ok=True)
+    """Before any worker starts: the jobs folder (without Redis), a metrics folder without a
+    previous run's samples, and the embedded database migrated."""
+    if jobs_dir:
+        Path(jobs_dir).mkdir(parents=True, exist_ok=True)
+    folder = Path(metrics_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    # Sample files left by a previous run would be summed into this run's numbers. Only
+    # prometheus_client's own `*.db` files go: PROMETHEUS_MULTIPROC_DIR may name a folder
+    # that holds other things (a mounted volume, a home directory), which are not ours.
+    for samples in folder.glob("*.db"):
+        if samples.is_file():
+            samples.unlink(missing_ok=True)
     _migrate_embedded_database()
 
 

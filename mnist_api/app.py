@@ -70,14 +70,17 @@ def create_app(settings: Settings | None = None, *, load_model: bool = True) -> 
         low_confidence_threshold=settings.low_confidence_threshold,
     )
 
-    app.extensions[extensions.JOB_STORE] = job_store = build_job_store(
-        settings.redis_url, settings.result_expires_seconds
+    app.extensions[extensions.JOB_STORE] = job_store = build_job_store(settings)
+    app.extensions[extensions.JOBS] = JobService(
+        service,
+        job_store,
+        celery_init_app(app, settings),
+        max_upload_bytes=settings.async_max_upload_bytes,
     )
     # Connects lazily: a database that is down costs /feedback a 503, never the start.
     app.extensions[extensions.FEEDBACK] = FeedbackStore.from_url(
         settings.database_url, settings.database_timeout_seconds
     )
-    app.extensions[extensions.JOBS] = JobService(service, job_store, celery_init_app(app, settings))
 
     CORS(
         app,

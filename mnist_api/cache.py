@@ -20,6 +20,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import redis
 from loguru import logger
 
+from mnist_api import redis_clients
 from mnist_api.config import Settings
 
 Value = dict[str, Any]
@@ -184,16 +185,8 @@ class RedisCache:
         retry_seconds: float = 1.0,
         hooks: CacheHooks | None = None,
     ) -> RedisCache:
-        """Connect lazily to `redis://` or `rediss://` (certificate not verified: Heroku)."""
-        options: dict[str, Any] = {
-            "socket_timeout": socket_timeout,
-            "socket_connect_timeout": socket_timeout,
-            "retry_on_timeout": False,
-        }
-        if url.startswith("rediss://"):
-            # Heroku Redis presents a self-signed certificate: encrypt, but do not verify it.
-            options["ssl_cert_reqs"] = None
-        client = redis.Redis.from_url(url, **options)
+        """Connect lazily to `redis://` or `rediss://`, on the process's shared cache pool."""
+        client = redis_clients.client(url, redis_clients.cache_role(socket_timeout))
         return cls(client, ttl_seconds, retry_seconds, hooks)
 
     def get_many(self, keys: Sequence[str]) -> list[Value | None]:

@@ -17,6 +17,8 @@ from limits import parse_many
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MIB = 1024 * 1024
+# What a queued upload costs Redis besides its bytes (mnist_api.job_store charges it).
+UPLOAD_OVERHEAD_BYTES = 2048
 
 
 class ConfigError(ValueError):
@@ -100,11 +102,26 @@ class Settings:
     cache_socket_timeout: float = 0.1
     cache_retry_seconds: float = 1.0
     # Async jobs (Celery on REDIS_URL; in-process "eager" mode without it)
-    result_expires_seconds: int = 86_400
+    # Results and issued ids are polled within minutes; an hour bounds what Redis holds.
+    result_expires_seconds: int = 3600
     broker_visibility_timeout: int = 3600
     task_delay_seconds: float = 0.0  # test and demo only: makes a running task observable
+    # Uploads wait in Redis until their task ran: cap each one and all of them together.
+    async_max_upload_bytes: int = 2 * MIB
+    async_queue_max_bytes: int = 8 * MIB
+    # A message whose worker died is redelivered; after this many deliveries it is
+    # dead-lettered instead (a poison upload must not kill workers forever).
+    task_max_deliveries: int = 3
+    task_soft_time_limit: int = 60  # seconds; the task gets an exception (0: none)
+    task_time_limit: int = 120  # seconds; the process running it is killed (0: none)
+    task_crash_on_sha256: str = ""  # tests only: a worker process exits on this upload
+    # Without Redis: the folder where gunicorn's workers share async task ids and results
+    # (gunicorn.conf.py sets it); unset, they stay in the one process (tests, scripts).
+    local_jobs_dir: str = ""
     rate_limit: str = "120/minute"
-    proxy_fix_x_for: int = 1
+    # Trust X-Forwarded-For only when told how many proxies append it (app.json: 1 on
+    # Heroku); otherwise any client could send a new one per request and escape the limits.
+    proxy_fix_x_for: int = 0
     log_level: str = "INFO"
     log_format: str = "json"
     # Metrics: the multiprocess folder is set by gunicorn.conf.py for its workers.
@@ -162,6 +179,15 @@ class Settings:
                 env, "BROKER_VISIBILITY_TIMEOUT", cls.broker_visibility_timeout, 1
             ),
             task_delay_seconds=_float(env, "TASK_DELAY_SECONDS", cls.task_delay_seconds),
+            async_max_upload_bytes=_int(
+                env, "ASYNC_MAX_UPLOAD_BYTES", cls.async_max_upload_bytes, 1
+            ),
+            async_queue_max_bytes=_int(env, "ASYNC_QUEUE_MAX_BYTES", cls.async_queue_max_bytes, 1),
+            task_max_deliveries=_int(env, "TASK_MAX_DELIVERIES", cls.task_max_deliveries, 1),
+            task_soft_time_limit=_int(env, "TASK_SOFT_TIME_LIMIT", cls.task_soft_time_limit, 0),
+            task_time_limit=_int(env, "TASK_TIME_LIMIT", cls.task_time_limit, 0),
+            task_crash_on_sha256=_text(env, "TASK_CRASH_ON_SHA256", "").lower(),
+            local_jobs_dir=_text(env, "LOCAL_JOBS_DIR", ""),
             rate_limit=_rate_limit(env.get("RATE_LIMIT"), cls.rate_limit),
             proxy_fix_x_for=_int(env, "PROXY_FIX_X_FOR", cls.proxy_fix_x_for, 0),
             log_level=_text(env, "LOG_LEVEL", cls.log_level).upper(),
@@ -230,6 +256,13 @@ class Settings:
                 raise ConfigError(f"{name} must be a number from 0 to 1, got {value}")
         if self.deployment_refresh_seconds <= 0:
             raise ConfigError("DEPLOYMENT_REFRESH_SECONDS must be above 0")
+        if self.async_queue_max_bytes < self.async_max_upload_bytes + UPLOAD_OVERHEAD_BYTES:
+            raise ConfigError(
+                "ASYNC_QUEUE_MAX_BYTES must be at least ASYNC_MAX_UPLOAD_BYTES + "
+                f"{UPLOAD_OVERHEAD_BYTES}, or no async upload of the largest allowed size could "
+                f"ever be queued (got {self.async_queue_max_bytes} for uploads of up to "
+                f"{self.async_max_upload_bytes} bytes)."
+            )
         if not _has_model_version(self.models_dir):
             raise ConfigError(
                 f"MODELS_DIR ({self.models_dir}) holds no model version folder "

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import redis
 
+from mnist_api import redis_clients
 from mnist_api.deployment import Deployment
 from mnist_api.errors import DeploymentStoreUnavailable
 
@@ -125,14 +126,10 @@ class RedisDeploymentStore:
 
     @classmethod
     def from_url(cls, url: str, socket_timeout: float = 1.0) -> RedisDeploymentStore:
-        """A store on `url`; calls give up after `socket_timeout` seconds."""
-        options: dict[str, Any] = {
-            "socket_timeout": socket_timeout,
-            "socket_connect_timeout": socket_timeout,
-        }
-        if url.startswith("rediss://"):
-            options["ssl_cert_reqs"] = None  # Heroku Redis: self-signed certificate
-        return cls(redis.Redis.from_url(url, **options))
+        """A store on `url` (the process's shared pool for it); calls give up after
+        `socket_timeout` seconds."""
+        role = redis_clients.Role("deployments", socket_timeout, socket_timeout)
+        return cls(redis_clients.client(url, role))
 
     def load(self) -> Deployment | None:
         """The stored deployment, or None before the first change."""

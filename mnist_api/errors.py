@@ -103,6 +103,40 @@ class NotReady(ServiceError):
     message = "The model is not loaded yet; retry in a moment."
 
 
+class QueueFull(ServiceError):
+    status = 503
+    code = "queue_full"
+    message = (
+        "Too many uploads are waiting for a worker right now; nothing was queued. Retry after "
+        "the time in 'Retry-After'."
+    )
+
+    def __init__(self, message: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message, {"Retry-After": str(QUEUE_FULL_RETRY_AFTER), **(headers or {})})
+
+
+# Seconds a client is asked to wait when the async queue's upload budget is full.
+QUEUE_FULL_RETRY_AFTER = 30
+
+
+class TaskFailed(ServiceError):
+    """A queued task that ended without an answer (its worker raised, or ran out of time)."""
+
+    status = 500
+    code = "task_failed"
+    message = "The prediction failed on the worker; send the image again."
+
+
+class DeadLettered(TaskFailed):
+    """A task whose message was delivered too often: each run killed its worker process."""
+
+    code = "dead_lettered"
+    message = (
+        "The worker processing this image stopped every time it tried; the job was given up. "
+        "Check the image, or send another."
+    )
+
+
 class BrokerUnavailable(ServiceError):
     status = 503
     code = "broker_unavailable"

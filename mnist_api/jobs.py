@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import uuid
 from dataclasses import dataclass
@@ -12,14 +13,19 @@ from kombu.exceptions import KombuError, OperationalError
 from loguru import logger
 from redis import RedisError
 
-from mnist_api.errors import BrokerUnavailable, TaskNotFound
+from mnist_api.errors import (
+    BrokerUnavailable,
+    DeadLettered,
+    PayloadTooLarge,
+    TaskFailed,
+    TaskNotFound,
+)
 from mnist_api.job_store import JobStore
 from mnist_api.service import PredictionService
 from mnist_api.tasks import PREDICT_UPLOAD
 
 # What can go wrong while handing a message to the broker.
 _BROKER_ERRORS = (OperationalError, KombuError, RedisError, ConnectionError, OSError, TimeoutError)
-_FAILED = "The prediction failed; send the image again."
 
 
 @dataclass
@@ -29,6 +35,8 @@ class JobService:
     service: PredictionService
     store: JobStore
     celery: Celery[Any]
+    # Uploads wait in Redis until a worker runs their task: a smaller cap than /predict's.
+    max_upload_bytes: int = 2 * 1024 * 1024
 
     @property
     def eager(self) -> bool:
@@ -38,9 +46,16 @@ class JobService:
     def submit(self, data: bytes, request_id: str) -> str:
         """Validate the upload now, queue its prediction, and return the task id.
 
-        Raises the same 4xx errors as /predict, or `BrokerUnavailable`; either way nothing
-        is left half-accepted: an id is only handed out once its task is queued.
+        Raises the same 4xx errors as /predict, `PayloadTooLarge` over the async cap,
+        `QueueFull` when the uploads waiting for workers fill their budget, or
+        `BrokerUnavailable`; either way nothing is left half-accepted: an id is only handed
+        out once its task is queued, and the upload is only kept while its task is.
         """
+        if len(data) > self.max_upload_bytes:
+            raise PayloadTooLarge(
+                f"An async upload may be at most {self.max_upload_bytes} bytes (this one has "
+                f"{len(data)}); send it to /predict instead."
+            )
         task_id = str(uuid.uuid4())
         cached = self.service.lookup(data)
         if cached is not None:
@@ -50,14 +65,17 @@ class JobService:
             return task_id
         self.service.validate(data)
         sha256 = hashlib.sha256(data).hexdigest()
-        self.store.put_upload(sha256, data)
-        self.store.issue(task_id)
+        # Held for this task only: it releases the upload when it has run.
+        self.store.hold_uploads({sha256: data}, holder=task_id)
         try:
+            self.store.issue(task_id)
             self.celery.tasks[PREDICT_UPLOAD].apply_async(
                 args=(sha256, request_id), task_id=task_id
             )
-        except _BROKER_ERRORS as error:
+        except (*_BROKER_ERRORS, BrokerUnavailable) as error:
             self.store.forget(task_id)
+            with contextlib.suppress(BrokerUnavailable):  # else it expires with its TTL
+                self.store.release_uploads([sha256], holder=task_id)
             logger.warning("broker refused a task: {}", type(error).__name__)
             raise BrokerUnavailable() from error
         return task_id
@@ -78,7 +96,8 @@ class JobService:
             # The upload itself was refused by the worker (e.g. it expired).
             return {"state": states.FAILURE, "status": value["error"], "code": value["code"]}
         if state in (states.FAILURE, states.SUCCESS):
-            return {"state": states.FAILURE, "status": _FAILED, "code": "internal_error"}
+            failure = value if isinstance(value, DeadLettered) else TaskFailed()
+            return {"state": states.FAILURE, "status": failure.message, "code": failure.code}
         if state == states.STARTED:
             return {"state": states.STARTED, "status": "The prediction is running."}
         # PENDING, RETRY, RECEIVED: queued and waiting for a worker.

@@ -2,7 +2,8 @@
 
 Counts live in Redis when `REDIS_URL` is set (one count across workers and dynos), else in
 memory. A request with a valid key is counted against that key; anything else (no key, a
-wrong key) against the client's IP, so rotating made-up keys does not escape the limit. If
+wrong key) against the client's IP, so rotating made-up keys does not escape the limit.
+That IP is the TCP peer unless `PROXY_FIX_X_FOR` trusts proxies (Heroku's router). If
 the limiter's Redis fails, requests are still served (fail open, logged) and counted in
 memory until Redis answers again. Public routes (/healthz, /readyz, /metrics, the page)
 are not limited.
@@ -18,6 +19,7 @@ from flask import Flask, request
 from flask_limiter import Limiter
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+from mnist_api import redis_clients
 from mnist_api.auth import API_KEY_HEADER, key_fingerprint, key_matches
 from mnist_api.config import Settings
 from mnist_api.extensions import get_settings
@@ -34,11 +36,13 @@ def rate_limit_key() -> str:
 def init_app(
     app: Flask, settings: Settings, limited: APIBlueprint | Sequence[APIBlueprint]
 ) -> Limiter | None:
-    """Trust the router's X-Forwarded-For, then limit the routes of `limited` (a blueprint
-    or several), each route counted per key as /predict is."""
+    """Trust X-Forwarded-For if told to (PROXY_FIX_X_FOR), then limit the routes of `limited`
+    (a blueprint or several), each route counted per key as /predict is."""
     if settings.proxy_fix_x_for > 0:
         # Heroku's router (one hop) appends the client's address: without this every
-        # request would come from the router and share one IP bucket.
+        # request would come from the router and share one IP bucket. Without a proxy in
+        # front (docker run, compose) the header is the client's own word, so it is only
+        # trusted when PROXY_FIX_X_FOR says how many proxies append to it.
         app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
             app.wsgi_app, x_for=settings.proxy_fix_x_for, x_proto=settings.proxy_fix_x_for
         )
@@ -46,9 +50,11 @@ def init_app(
         return None
     storage_options: dict[str, Any] = {}
     if settings.redis_url:
-        storage_options = {"socket_timeout": 0.2, "socket_connect_timeout": 0.2}
-        if settings.redis_url.startswith("rediss://"):
-            storage_options["ssl_cert_reqs"] = None  # Heroku Redis: self-signed certificate
+        # limits' RedisStorage takes a ready pool: this process's shared `LIMITS` pool, so
+        # the URL's TLS decision and the timeouts are made in one place.
+        storage_options = {
+            "connection_pool": redis_clients.pool(settings.redis_url, redis_clients.LIMITS)
+        }
     limiter = Limiter(
         key_func=rate_limit_key,
         app=app,

@@ -76,8 +76,14 @@ NOT_IN_APP_JSON = {
     "MODELS_DIR": "the models ship in the slug at the default path",
     "PROMETHEUS_MULTIPROC_DIR": "gunicorn.conf.py sets it for its workers",
     "TASK_DELAY_SECONDS": "tests and demos only",
+    "TASK_CRASH_ON_SHA256": "tests only: makes a worker process exit on one upload",
+    "LOCAL_JOBS_DIR": "only without Redis; gunicorn.conf.py sets it (Heroku has Redis)",
 }
 COMPOSE_SERVICES = {"web", "worker", "redis", "prometheus", "grafana"}
+# Settings app.json gives another value than the service's default, and why.
+HEROKU_OVERRIDES = {
+    "PROXY_FIX_X_FOR": ("1", "Heroku's router is one proxy hop that appends X-Forwarded-For"),
+}
 
 
 # --- helpers ---
@@ -815,11 +821,26 @@ def test_app_json_values_are_the_service_defaults(app_json: dict[str, Any]) -> N
         if name in shell_defaults:
             assert value == shell_defaults[name], f"{name}: the Procfile's default is another"
             continue
+        if name in HEROKU_OVERRIDES:
+            assert value == HEROKU_OVERRIDES[name][0], f"{name}: not the Heroku value"
+            Settings.from_env({name: value})  # still parses
+            continue
         try:
             settings = Settings.from_env({name: value})
         except ConfigError as exc:
             pytest.fail(f"app.json's {name}={value!r} is refused: {exc}")
         assert settings == defaults, f"app.json's {name}={value!r} is not the default"
+
+
+def test_forwarded_for_is_trusted_only_behind_the_heroku_router(
+    app_json: dict[str, Any], compose: dict[str, Any]
+) -> None:
+    """Per-IP limits: only Heroku (app.json) trusts one X-Forwarded-For hop; nothing else."""
+    assert Settings.from_env({}).proxy_fix_x_for == 0
+    assert app_json["env"]["PROXY_FIX_X_FOR"]["value"] == "1"
+    assert env_values(dockerfile())["PROXY_FIX_X_FOR"] == "0"
+    for name in ("web", "worker"):
+        assert str(service(compose, name)["environment"]["PROXY_FIX_X_FOR"]) == "0"
 
 
 # --- .github/workflows/ci.yml ---

@@ -126,3 +126,22 @@ def connect_at_once(address: SplitResult, count: int) -> list[socket.socket]:
         sock.setblocking(True)
         sock.settimeout(10)
     return sockets
+
+
+def test_metrics_folder_keeps_what_is_not_ours(tmp_path: Path) -> None:
+    """gunicorn.conf.py empties PROMETHEUS_MULTIPROC_DIR of old samples, nothing else."""
+    folder = tmp_path / "shared-volume"
+    (folder / "keep-me").mkdir(parents=True)
+    (folder / "keep-me" / "data.txt").write_text("someone else's")
+    (folder / "notes.txt").write_text("not a metrics file")
+    stale = folder / "counter_99999.db"
+    stale.write_bytes(b"a previous run's samples")
+    server = start_web(tmp_path, PROMETHEUS_MULTIPROC_DIR=str(folder))
+    try:
+        assert not stale.exists()  # the previous run's samples are gone ...
+        assert requests.get(f"{server.url}/metrics", timeout=10).status_code == 200
+    finally:
+        stop(server.process)
+    # ... and everything that was not a metrics file is still there, folder included
+    assert (folder / "notes.txt").read_text() == "not a metrics file"
+    assert (folder / "keep-me" / "data.txt").read_text() == "someone else's"

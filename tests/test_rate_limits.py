@@ -47,9 +47,52 @@ def test_limit_per_key_with_headers(limited: FlaskClient) -> None:
 def test_unknown_keys_are_counted_by_ip(limited: FlaskClient) -> None:
     statuses = [predict(limited, f"made-up-{i}").status_code for i in range(4)]
     assert statuses == [401, 401, 401, 429]
-    # behind the router, each client is its own IP (X-Forwarded-For via ProxyFix)
-    other = predict(limited, "made-up", **{"X-Forwarded-For": "203.0.113.9"})
+    # by default X-Forwarded-For is not trusted: a made-up one is still the same client
+    spoofed = predict(limited, "made-up", **{"X-Forwarded-For": "203.0.113.9"})
+    assert spoofed.status_code == 429
+
+
+def test_behind_a_trusted_proxy_each_client_is_its_own_ip(settings: Settings) -> None:
+    # PROXY_FIX_X_FOR=1 (app.json, Heroku): the router appends the client's address
+    client = create_app(settings.replace(rate_limit="3/minute", proxy_fix_x_for=1)).test_client()
+    first = {"X-Forwarded-For": "198.51.100.7"}
+    assert [predict(client, "made-up", **first).status_code for _ in range(4)][-1] == 429
+    other = predict(client, "made-up", **{"X-Forwarded-For": "203.0.113.9"})
     assert other.status_code == 401
+
+
+def test_spoofed_forwarded_for_does_not_reset_the_ip_limit(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Real gunicorn with the default PROXY_FIX_X_FOR: a new X-Forwarded-For per request."""
+    server = start_web(
+        tmp_path, REDIS_URL=redis_server.url, RATE_LIMIT="3/minute", WEB_CONCURRENCY="2"
+    )
+    try:
+        statuses = [
+            requests.post(
+                f"{server.url}/predict",
+                data=PNG,
+                timeout=10,
+                headers={
+                    "x-api-key": f"made-up-{n}",
+                    "Content-Type": "image/png",
+                    "X-Forwarded-For": f"203.0.113.{n}",
+                },
+            ).status_code
+            for n in range(8)
+        ]
+        # a valid key is still counted on its own budget
+        keyed = requests.post(
+            f"{server.url}/predict",
+            data=PNG,
+            timeout=10,
+            headers={"x-api-key": server.api_key, "Content-Type": "image/png"},
+        )
+    finally:
+        stop(server.process)
+    assert statuses == [401, 401, 401] + [429] * 5, statuses
+    assert keyed.status_code == 200
 
 
 def test_public_routes_are_not_limited(limited: FlaskClient) -> None:
@@ -59,6 +102,7 @@ def test_public_routes_are_not_limited(limited: FlaskClient) -> None:
 
 def test_rate_limit_setting() -> None:
     assert Settings.from_env({}).rate_limit == "120/minute"
+    assert Settings.from_env({}).proxy_fix_x_for == 0  # X-Forwarded-For trusted only if told
     assert Settings.from_env({"RATE_LIMIT": "off"}).rate_limit == ""
     assert Settings.from_env({"RATE_LIMIT": "10/second;500/hour"}).rate_limit
     with pytest.raises(ConfigError, match="RATE_LIMIT"):

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import redis
 
+from mnist_api.redis_clients import tls_options
+
 
 class RedisServer:
     """One redis-server child process (no persistence), stopped only by our own pid."""
@@ -30,8 +32,7 @@ class RedisServer:
 
     def client(self) -> redis.Redis:
         """A plain client for inspecting the server from the test."""
-        options = {"ssl_cert_reqs": None} if self.tls else {}
-        return redis.Redis.from_url(self.url, socket_timeout=5, **options)
+        return redis.Redis.from_url(self.url, socket_timeout=5, **tls_options(self.url))
 
     def start(self) -> None:
         """Start (or restart on the same port) and wait until it answers PING."""
