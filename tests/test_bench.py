@@ -13,6 +13,7 @@ import pytest
 import requests
 
 from mnist_api.config import PROJECT_ROOT
+from mnist_api.registry import ModelRegistry
 from tests.test_metrics import total
 from tools.bench import V2_INFER, Scenario, digit_png, v2_image_body, wrk
 from tools.services import start_web, stop, venv_env
@@ -39,14 +40,24 @@ def test_short_benchmark_writes_its_table_and_chart(tmp_path: Path) -> None:
     assert "## Targets (concurrency 8)" in text and "ready in < 2 s" in text
     http_table = text.split("## Through HTTP", 1)[1].split("\n## ", 1)[0]
     rows = [
-        line for line in http_table.splitlines() if re.match(r"\| (healthz|predict|batch)", line)
+        line
+        for line in http_table.splitlines()
+        if re.match(r"\| (healthz|predict|batch)", line) and "shadow" not in line
     ]
     assert len(rows) == 20  # 6 scenarios at 3 concurrencies, the phone JPEG at 2
+    floor_rows = [line for line in http_table.splitlines() if line.startswith("| floor: ")]
+    assert len(floor_rows) == 6  # the floor's upload and bare route at 3 concurrencies
+    assert "280x280 miss >= 1.0x the floor" in text and "<= 2x the bare route's" in text
+    if len(ModelRegistry.discover(PROJECT_ROOT / "models").versions()) > 1:
+        assert "| predict 28x28 miss, shadow | 8 |" in http_table
+        assert "shadow adds <= one interpreter call per miss" in text
     v2_rows = [line for line in http_table.splitlines() if line.startswith("| v2 ")]
     assert len(v2_rows) == 4  # V2 infer: 32 image elements and 64 pixels, at 2 concurrencies
     errors_column = 8
     # No errors: a wrong binary size in a V2 body would show here as non-2xx answers.
-    assert all(row.split("|")[errors_column].strip() == "0" for row in rows + v2_rows), rows
+    assert all(
+        row.split("|")[errors_column].strip() == "0" for row in rows + v2_rows + floor_rows
+    ), rows
     assert "V2 pixels (64, binary) >= 10x" in text and "V2 image batch of 32" in text
 
 

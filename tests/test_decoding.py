@@ -136,4 +136,5 @@ def test_the_estimate_covers_the_memory_really_used() -> None:
     assert [result["name"] for result in results] == list(SAMPLES)
     for result in results:
         assert result["outcome"] == "ok", result
-        assert 0 < result["peak"] <= result["reserved"], result
+        # A draft-mode JPEG may fit in memory the process already had: a peak of 0 is real.
+        assert 0 <= result["peak"] <= result["reserved"], result

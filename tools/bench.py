@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import requests
 from PIL import Image
 
 from mnist_api.config import PROJECT_ROOT, Settings
@@ -39,7 +40,7 @@ from mnist_api.preprocessing import preprocess
 from mnist_api.registry import ModelRegistry
 from tools.load import rss_kib
 from tools.redis_server import RedisServer
-from tools.services import API_KEYS, free_port, start_web, stop
+from tools.services import API_KEYS, LiveServer, free_port, start_web, stop
 
 LUA = PROJECT_ROOT / "tools" / "wrk" / "upload.lua"
 CONCURRENCIES = (1, 8, 32)
@@ -53,6 +54,7 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 MAX_ATTEMPTS = 4
 MAX_STEAL = 0.03  # more of the machine's CPU taken by the hypervisor than this: run again
 PAIRED_ROUNDS = 3  # back-to-back /healthz and /predict runs for the ratio goals
+BENCH_ADMIN_KEY = "bench-admin-key"  # switches the deployment between rounds
 MIN_WORKER_SHARE = 0.2  # a worker doing less of the work than this: connections were lopsided
 
 
@@ -109,6 +111,13 @@ class Report:
     alone: dict[str, float] = field(default_factory=dict)
     # Scenario -> its req/s divided by /healthz's, one value per back-to-back round (c=8).
     paired: dict[str, list[float]] = field(default_factory=dict)
+    # The floor (issue 16): the service's 280x280 miss req/s divided by the floor's, per
+    # back-to-back round, and the service's hit CPU/request divided by the bare route's.
+    floor_ratios: list[float] = field(default_factory=list)
+    hit_cpu_ratios: list[float] = field(default_factory=list)
+    # Deployments (issue 12): a 28x28 miss's worker CPU/request under shadow minus under
+    # single, per back-to-back round (empty with fewer than two installed versions).
+    shadow_extra_ms: list[float] = field(default_factory=list)
 
 
 def digit_png(size: int) -> bytes:
@@ -347,9 +356,18 @@ def run_benchmark(seconds: float, tmp: Path, max_attempts: int = MAX_ATTEMPTS) -
     started = time.monotonic()
     # As deployed (INFO logs: one JSON line per request), but no rate limit and no recycling.
     server = start_web(
-        tmp, REDIS_URL=redis.url, WEB_CONCURRENCY="2", RATE_LIMIT="off", GUNICORN_MAX_REQUESTS="0"
+        tmp,
+        REDIS_URL=redis.url,
+        WEB_CONCURRENCY="2",
+        RATE_LIMIT="off",
+        GUNICORN_MAX_REQUESTS="0",
+        ADMIN_API_KEYS=BENCH_ADMIN_KEY,
     )
     report.ready_seconds = time.monotonic() - started
+    # The floor: the same gunicorn settings serving a bare Flask + LiteRT app (tools/floor_app).
+    floor = start_web(
+        tmp, app="tools.floor_app:app", WEB_CONCURRENCY="2", GUNICORN_MAX_REQUESTS="0"
+    )
     try:
         pids = sorted(server.worker_pids_when(2))
         body_files = {}
@@ -388,10 +406,98 @@ def run_benchmark(seconds: float, tmp: Path, max_attempts: int = MAX_ATTEMPTS) -
                 flush=True,
             )
         report.rss_mb = {pid: rss_kib(pid) / 1024 for pid in pids}
+        measure_floor(report, server.url, floor, scenarios, body_files, pids, seconds, tmp)
+        measure_shadow(report, server.url, scenarios[1], body_files, pids, seconds, max_attempts)
     finally:
+        stop(floor.process)
         stop(server.process)
         redis.kill()
     return report
+
+
+def measure_floor(
+    report: Report,
+    url: str,
+    floor: LiveServer,
+    scenarios: list[Scenario],
+    body_files: dict[str, Path],
+    pids: list[int],
+    seconds: float,
+    tmp: Path,
+) -> None:
+    """The floor's rows, then back-to-back rounds of the floor and the service (issue 16)."""
+    floor_pids = floor.children()
+    miss280 = next(s for s in scenarios if s.name == "predict 280x280 miss")
+    hit28 = next(s for s in scenarios if s.name == "predict 28x28 hit")
+    floor_predict = Scenario(
+        "floor: 280x280 bare Flask + LiteRT", "POST", "/predict", "nonce", "image/png", miss280.body
+    )
+    floor_health = Scenario("floor: bare route", "GET", "/healthz", images_per_request=0)
+    for scenario in (floor_predict, floor_health):
+        body_files[scenario.name] = body = tmp / f"body-floor-{len(body_files)}.bin"
+        body.write_bytes(scenario.body)
+        for concurrency in scenario.concurrencies:
+            run = measure(floor.url, scenario, concurrency, seconds, body, floor_pids, 1)
+            report.runs.append(run)
+            print(f"{run.scenario:<26} c={concurrency:<3} {run.rps:8.0f} req/s", flush=True)
+    for round_number in range(PAIRED_ROUNDS):
+        at_floor = measure(
+            floor.url, floor_predict, 8, seconds / 2, body_files[floor_predict.name], floor_pids, 1
+        )
+        ours = measure(url, miss280, 8, seconds / 2, body_files[miss280.name], pids, 1)
+        bare = measure(
+            floor.url, floor_health, 8, seconds / 2, body_files[floor_health.name], floor_pids, 1
+        )
+        hit = measure(url, hit28, 8, seconds / 2, body_files[hit28.name], pids, 1)
+        report.floor_ratios.append(ours.rps / at_floor.rps)
+        report.hit_cpu_ratios.append(hit.cpu_ms_per_request / bare.cpu_ms_per_request)
+        print(
+            f"floor round {round_number + 1}: 280x280 miss {report.floor_ratios[-1]:.2f}x the "
+            f"floor, hit CPU {report.hit_cpu_ratios[-1]:.2f}x the bare route's",
+            flush=True,
+        )
+
+
+def measure_shadow(
+    report: Report,
+    url: str,
+    miss28: Scenario,
+    body_files: dict[str, Path],
+    pids: list[int],
+    seconds: float,
+    max_attempts: int,
+) -> None:
+    """Back-to-back rounds of a 28x28 miss under `single` and under `shadow` (issue 12)."""
+    registry = ModelRegistry.discover(Settings().models_dir)
+    stable = registry.default_version()
+    others = [version for version in registry.versions() if version != stable]
+    if not others:
+        print("shadow rounds skipped: only one model version is installed", flush=True)
+        return
+    shadow = Scenario("predict 28x28 miss, shadow", "POST", "/predict", "nonce", "image/png")
+    shadow.body = miss28.body
+    for round_number in range(PAIRED_ROUNDS):
+        set_deployment(url, {"strategy": "single"})
+        single = measure(url, miss28, 8, seconds / 2, body_files[miss28.name], pids, max_attempts)
+        set_deployment(url, {"strategy": "shadow", "candidate": others[-1]})
+        shadowed = measure(url, shadow, 8, seconds / 2, body_files[miss28.name], pids, max_attempts)
+        report.shadow_extra_ms.append(shadowed.cpu_ms_per_request - single.cpu_ms_per_request)
+        if round_number == 0:
+            report.runs.append(shadowed)
+        print(
+            f"shadow round {round_number + 1}: +{report.shadow_extra_ms[-1]:.2f} ms CPU per miss",
+            flush=True,
+        )
+    set_deployment(url, {"strategy": "single"})
+
+
+def set_deployment(url: str, changes: dict[str, Any]) -> None:
+    """PUT /deployment with the bench's admin key, then give every worker time to see it."""
+    response = requests.put(
+        f"{url}/deployment", json=changes, headers={"x-api-key": BENCH_ADMIN_KEY}, timeout=10
+    )
+    response.raise_for_status()
+    time.sleep(3.0)  # workers re-read the deployment every DEPLOYMENT_REFRESH_SECONDS (1 s)
 
 
 def measure(
@@ -462,6 +568,21 @@ def targets(report: Report) -> list[tuple[str, str, bool]]:
     decode_budget = report.alone["decode_png280_ms"] + 2.0
     extra_280 = miss280.cpu_ms_per_request - miss28.cpu_ms_per_request
     worst_rss = max(report.rss_mb.values())
+    floor_ratio = statistics.median(report.floor_ratios)
+    hit_cpu = statistics.median(report.hit_cpu_ratios)
+    shadow_goal: list[tuple[str, str, bool]] = []
+    if report.shadow_extra_ms:
+        # One more interpreter call per miss, with room for the machine's noise (0.15 ms).
+        extra = statistics.median(report.shadow_extra_ms)
+        allowed = report.alone["inference_single_ms"] + 0.15
+        shadow_goal.append(
+            (
+                "shadow adds <= one interpreter call per miss (worker CPU)",
+                f"+{extra:.2f} ms vs one call {report.alone['inference_single_ms']:.2f} ms "
+                f"(median of {', '.join(f'{x:+.2f}' for x in report.shadow_extra_ms)})",
+                extra <= allowed,
+            )
+        )
     return [
         (
             "28x28 miss >= 50% of /healthz req/s",
@@ -501,9 +622,24 @@ def targets(report: Report) -> list[tuple[str, str, bool]]:
             f"({v2_images.images_per_second:.0f} vs {batch.images_per_second:.0f} images/s)",
             v2_images.images_per_second >= batch.images_per_second,
         ),
+        (
+            "280x280 miss >= 1.0x the floor's req/s (all production features on)",
+            f"{floor_ratio:.2f}x (median of {_times(report.floor_ratios)})",
+            floor_ratio >= 1.0,
+        ),
+        (
+            "hit: worker CPU per request <= 2x the bare route's",
+            f"{hit_cpu:.2f}x (median of {_times(report.hit_cpu_ratios)})",
+            hit_cpu <= 2.0,
+        ),
+        *shadow_goal,
         ("RSS per worker < 120 MB", f"{worst_rss:.0f} MB", worst_rss < 120),
         ("ready in < 2 s", f"{report.ready_seconds:.2f} s", report.ready_seconds < 2.0),
     ]
+
+
+def _times(values: list[float]) -> str:
+    return ", ".join(f"{value:.2f}x" for value in values)
 
 
 def _percentages(values: list[float]) -> str:

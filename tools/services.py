@@ -79,6 +79,18 @@ class LiveServer:
             raise TimeoutError(f"only {len(pids)} of {count} workers loaded the model")
         return pids
 
+    def children(self) -> list[int]:
+        """The pids of the gunicorn master's live workers (whatever app they serve)."""
+        pids = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:  # the process ended while we looked
+                continue
+            if int(fields[1]) == self.process.pid:
+                pids.append(int(stat.parent.name))
+        return sorted(pids)
+
     def stderr(self) -> str:
         """Everything the server printed on stderr so far."""
         return self.log_path.with_suffix(".err").read_text(errors="replace")
@@ -110,10 +122,11 @@ def stop(process: subprocess.Popen[bytes]) -> None:
             process.wait(timeout=5)
 
 
-def start_web(tmp_dir: Path, **env: str) -> LiveServer:
+def start_web(tmp_dir: Path, app: str = "api:app", **env: str) -> LiveServer:
     """Start the Procfile's web command with gunicorn on a free port and wait until ready.
 
-    `env` overrides the environment (e.g. WEB_CONCURRENCY="3").
+    `env` overrides the environment (e.g. WEB_CONCURRENCY="3"); `app` serves another WSGI
+    app with the same gunicorn settings (the benchmark's floor, `tools.floor_app:app`).
     """
     port = free_port()
     log_path = tmp_dir / f"web-{port}.log"
@@ -130,8 +143,9 @@ def start_web(tmp_dir: Path, **env: str) -> LiveServer:
     }
     environment = venv_env(**{**defaults, **env})
     with log_path.open("wb") as out, log_path.with_suffix(".err").open("wb") as err:
+        command = [part.replace("api:app", app) for part in procfile_command("web")]
         process = subprocess.Popen(
-            procfile_command("web"), cwd=PROJECT_ROOT, env=environment, stdout=out, stderr=err
+            command, cwd=PROJECT_ROOT, env=environment, stdout=out, stderr=err
         )
     server = LiveServer(f"http://127.0.0.1:{port}", API_KEYS[0], process, log_path)
     try:
