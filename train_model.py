@@ -10,7 +10,7 @@ touched here.
 Two recipes (`--recipe`, recorded in the card): `v1` reproduces the first model
 (`models/fe5e4f4d480b`), `v2` (the default) is the deeper second version.
 
-    python train_model.py                      # recipe v2 into models/ (see `make model`)
+    python train_model.py                      # recipe v2 into build/model/ (see `make model`)
     python train_model.py --recipe v1          # the first model again (8-10 min on 2 cores)
     python train_model.py --subset 300 --epochs 1 --out-dir /tmp/smoke
 """
@@ -37,7 +37,14 @@ import tensorflow as tf
 from keras import layers
 
 from training.augment import augment_mnist, augment_printed, mnist_canvas
-from training.data import load_split, normalize_batch, stratified_subset
+from training.data import (
+    VALIDATION_SEED,
+    VALIDATION_SIZE,
+    load_split,
+    normalize_batch,
+    stratified_subset,
+    validation_mask,
+)
 
 MODEL_FILE = "mnist_cnn.keras"
 CARD_FILE = "model_card.json"
@@ -63,16 +70,19 @@ class Config:
 def parse_args() -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out-dir", type=Path, default=Path("models"))
+    # Not models/: that holds only installed versions, which quantize_model.py puts there.
+    parser.add_argument("--out-dir", type=Path, default=Path("build/model"))
     parser.add_argument(
         "--recipe", choices=sorted(RECIPES), default="v2", help="architecture and epoch count"
     )
     parser.add_argument("--epochs", type=int, default=None, help="default: the recipe's")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=VALIDATION_SEED)
     parser.add_argument("--subset", type=int, default=None, help="use only N training samples")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--learning-rate", type=float, default=2e-3, help="peak of the schedule")
-    parser.add_argument("--val-size", type=int, default=500, help="held out from training")
+    parser.add_argument(
+        "--val-size", type=int, default=VALIDATION_SIZE, help="held out from training"
+    )
     parser.add_argument(
         "--printed-per-class", type=int, default=30, help="printed digits per class per epoch"
     )
@@ -330,9 +340,7 @@ def main() -> None:
         x_train, y_train, _, _ = stratified_subset(x_train, y_train, config.subset, config.seed)
     val_size = min(config.val_size, len(y_train) // 5)
     # Validation is carved from the training split only; the test split stays unseen.
-    is_val = np.zeros(len(y_train), dtype=bool)
-    val_index, _, _, _ = stratified_subset(np.arange(len(y_train)), y_train, val_size, config.seed)
-    is_val[val_index] = True
+    is_val = validation_mask(y_train, val_size, config.seed)
     validation = (normalize_batch(x_train[is_val]), y_train[is_val])
     print(
         f"recipe {config.recipe} ({recipe.description}): "
