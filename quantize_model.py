@@ -27,10 +27,8 @@ import io
 import json
 import os
 import shutil
-import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from importlib.metadata import version as package_version
 from pathlib import Path
@@ -55,7 +53,13 @@ from training.data import (
     stratified_subset,
     validation_mask,
 )
-from training.evaluate import other_writers_suite, printed_suite, suite_metrics, user_style_suite
+from training.evaluate import (
+    latency_ms,
+    other_writers_suite,
+    printed_suite,
+    suite_metrics,
+    user_style_suite,
+)
 
 TFLITE_FILE = "mnist_cnn_int8.tflite"
 CARD_FILE = "model_card.json"
@@ -150,18 +154,6 @@ def int8_accuracy(model: DigitModel, images: np.ndarray, labels: np.ndarray) -> 
     """Top-1 accuracy of the int8 model through the service's `DigitModel`, in batches of 32."""
     predictions = [model.predict(images[i : i + 32]) for i in range(0, len(images), 32)]
     return float(np.mean(np.argmax(np.concatenate(predictions), axis=1) == labels))
-
-
-def latency_ms(model: DigitModel, images: np.ndarray, batch: int, repeats: int) -> float:
-    """Median wall time per image of `DigitModel.predict` on batches of `batch` images."""
-    inputs = images[:batch]
-    model.predict(inputs)  # first call on a batch size builds its interpreter
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        model.predict(inputs)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1000.0 / batch
 
 
 def training_record(card_path: Path, keras_path: Path, model: keras.Model) -> dict[str, Any]:

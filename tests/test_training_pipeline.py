@@ -187,7 +187,7 @@ def test_failed_gate_does_not_create_a_models_folder(workspace: Path, tmp_path: 
 def test_evaluate_compares_versions(installed: Path) -> None:
     output = run_ok("-m", "training.evaluate", str(installed), str(installed), "--subset", "60")
     table = output[output.index("int8 accuracy") :].split("\n", 1)[1]
-    rows = [line for line in table.splitlines() if line.strip()]
+    *rows, latency = [line for line in table.splitlines() if line.strip()]
     assert [row.split("(")[0].strip() for row in rows] == [
         "test split",
         "user-style uploads",
@@ -197,6 +197,8 @@ def test_evaluate_compares_versions(installed: Path) -> None:
     for row in rows:  # two columns, the same model twice: the same accuracy
         first, second = (float(cell) for cell in row.split()[-2:])
         assert 0.0 <= first <= 1.0 and first == second
+    assert latency.startswith("ms per image")
+    assert all(float(cell) > 0 for cell in latency.split()[-2:])
 
 
 @pytest.mark.slow

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 import io
+import statistics
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,6 +203,33 @@ def suite_metrics(model: DigitModel, suites: Sequence[Suite]) -> dict[str, float
     return metrics
 
 
+def latency_ms(model: DigitModel, images: np.ndarray, batch: int, repeats: int) -> float:
+    """Median wall time per image of `DigitModel.predict` on batches of `batch` images."""
+    inputs = images[:batch]
+    model.predict(inputs)  # first call on a batch size builds its interpreter
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        model.predict(inputs)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1000.0 / batch
+
+
+def interleaved_latency(
+    models: Sequence[DigitModel], images: np.ndarray, rounds: int = 20, repeats: int = 20
+) -> list[float]:
+    """Median ms per single image for each model, measured in alternating rounds.
+
+    Alternating spreads a busy machine's noise evenly over the versions, so their ratio is
+    fair even when the absolute figures are not.
+    """
+    samples: list[list[float]] = [[] for _ in models]
+    for _ in range(rounds):
+        for index, model in enumerate(models):
+            samples[index].append(latency_ms(model, images, 1, repeats))
+    return [statistics.median(values) for values in samples]
+
+
 def load_version(folder: Path) -> DigitModel:
     """The model of an installed version folder, loaded, with its card."""
     model = DigitModel(model_path=folder / TFLITE_FILE, card_path=folder / CARD_FILE)
@@ -218,6 +247,9 @@ def table(columns: Sequence[tuple[str, dict[str, float | int]]], suites: Sequenc
         lines.append(
             f"{label:34}" + "".join(f"{metrics[key]:>{width}.4f}" for _, metrics in columns)
         )
+    if all("latency_ms" in metrics for _, metrics in columns):
+        cells = "".join(f"{metrics['latency_ms']:>{width}.3f}" for _, metrics in columns)
+        lines.append(f"{'ms per image, 1 thread, batch 1':34}{cells}")
     return "\n".join(lines)
 
 
@@ -228,12 +260,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--subset", type=int, default=None, help="smaller suites (smoke runs)")
     args = parser.parse_args(argv)
     suites = build_suites(args.subset)
+    models = [load_version(folder) for folder in args.versions]
     columns = []
-    for folder in args.versions:
-        model = load_version(folder)
+    for folder, model in zip(args.versions, models, strict=True):
         columns.append((model.version, suite_metrics(model, suites)))
         latency = model.card.get("latency_ms_per_image", {}).get("batch_1")
         print(f"{folder}: version {model.version}, {latency} ms per image (card, batch 1)")
+    rounds = 4 if args.subset else 20
+    latencies = interleaved_latency(models, suites[0].images, rounds)
+    for (_, metrics), ms in zip(columns, latencies, strict=True):
+        metrics["latency_ms"] = round(ms, 4)
     print(table(columns, suites))
     return 0
 
