@@ -53,8 +53,8 @@ bench: system-deps $(VENV)/.dev-installed
 
 ## model: retrain the CNN and rebuild the int8 model and its card in models/
 model: $(VENV)/.dev-installed
-	$(BIN)/python train_model.py
-	$(BIN)/python quantize_model.py
+	$(BIN)/python train_model.py --out-dir build/model
+	$(BIN)/python quantize_model.py --keras build/model/mnist_cnn.keras --models-dir models
 
 ## retrain: retrain on the users' feedback (DATABASE_URL, else the embedded SQLite file), gate
 ## the challenger against stable, install it under models/<version>/ and propose it as

@@ -1,7 +1,9 @@
-"""Smoke test of the model pipeline: a tiny training run, int8 quantization and the card.
+"""Smoke test of the model pipeline: a tiny training run, int8 quantization, staged install.
 
-Runs the two scripts as a person (or `make model`) would, on 300 training samples for one
-epoch, so it checks the plumbing, not the accuracy (the accuracy gate is switched off).
+Runs the scripts as a person (or `make model`) would, on 300 training samples for one
+epoch, so it checks the plumbing, not the accuracy: the install into a temporary models
+folder (`models/<version>/` with the .tflite, its card and the Keras source), a gate that
+fails on purpose and must leave that folder exactly as it was, and the version comparison.
 """
 
 from __future__ import annotations
@@ -29,54 +31,90 @@ CARD_FIELDS = {
     "quantization",
     "labels",
     "metrics",
+    "gate",
     "latency_ms_per_image",
     "data",
     "preprocessing",
     "training",
     "created",
 }
+VERSION_FILES = {"mnist_cnn_int8.tflite", "model_card.json", "mnist_cnn.keras"}
+QUANTIZE_SMOKE = ("--subset", "100", "--calibration-samples", "50", "--latency-repeats", "8")
 
 
-def run_script(*args: str) -> None:
-    """Run a repository script with this interpreter; show its output if it fails."""
-    result = subprocess.run(
-        [sys.executable, *args], check=False, cwd=ROOT, capture_output=True, text=True, timeout=240
+def run_script(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run a repository script with this interpreter and return how it went."""
+    return subprocess.run(
+        [sys.executable, *args], check=False, cwd=ROOT, capture_output=True, text=True, timeout=900
     )
+
+
+def run_ok(*args: str) -> str:
+    """Run a script that must succeed; return its standard output."""
+    result = run_script(*args)
     assert result.returncode == 0, f"{args[0]} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int, str]]:
+    """Every entry under a folder: its mode, mtime and (for files) the SHA-256 of its bytes."""
+    entries = {}
+    for path in sorted([folder, *folder.rglob("*")]):
+        stat = path.stat()
+        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+        entries[str(path.relative_to(folder))] = (stat.st_mode, stat.st_mtime_ns, digest)
+    return entries
 
 
 @pytest.fixture(scope="module")
-def pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Train a one-epoch model on 300 samples and quantize it, in a temporary directory."""
-    out = tmp_path_factory.mktemp("pipeline")
-    run_script("train_model.py", "--subset", "300", "--epochs", "1", "--out-dir", str(out))
-    run_script(
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Train a one-epoch model on 300 samples, quantize it and install it in `models/`."""
+    root = tmp_path_factory.mktemp("pipeline")
+    build = root / "build"
+    run_ok("train_model.py", "--subset", "300", "--epochs", "1", "--out-dir", str(build))
+    run_ok(
         "quantize_model.py",
-        "--keras", str(out / "mnist_cnn.keras"),
-        "--out-dir", str(out),
-        "--subset", "100",
-        "--calibration-samples", "50",
-        "--latency-repeats", "8",
+        "--keras", str(build / "mnist_cnn.keras"),
+        "--models-dir", str(root / "models"),
+        *QUANTIZE_SMOKE,
         "--no-accuracy-gate",
     )  # fmt: skip
-    return out
+    return root
+
+
+@pytest.fixture(scope="module")
+def installed(workspace: Path) -> Path:
+    """The one version folder the smoke run installed."""
+    folders = list((workspace / "models").iterdir())
+    assert len(folders) == 1, folders
+    return folders[0]
 
 
 @pytest.mark.slow
-def test_outputs_exist(pipeline_dir: Path) -> None:
-    for name in ("mnist_cnn.keras", "mnist_cnn_int8.tflite", "model_card.json"):
-        assert (pipeline_dir / name).stat().st_size > 0, name
-    assert not list(pipeline_dir.glob("*.pending"))
+@pytest.mark.timeout(900)  # the module fixture trains and quantizes on a busy CPU
+def test_install_makes_one_complete_version_folder(workspace: Path, installed: Path) -> None:
+    assert {path.name for path in installed.iterdir()} == VERSION_FILES
+    for path in installed.iterdir():
+        assert path.stat().st_size > 0, path
+    tflite = (installed / "mnist_cnn_int8.tflite").read_bytes()
+    assert installed.name == hashlib.sha256(tflite).hexdigest()[:12]
+    # The float source is copied in unchanged.
+    trained = (workspace / "build" / "mnist_cnn.keras").read_bytes()
+    assert (installed / "mnist_cnn.keras").read_bytes() == trained
+    assert installed.stat().st_mode & 0o755 == 0o755  # not mkdtemp's private 0700
+    # No staging folder is left beside models/.
+    assert sorted(path.name for path in workspace.iterdir()) == ["build", "models"]
 
 
 @pytest.mark.slow
-def test_card_describes_the_file(pipeline_dir: Path) -> None:
-    card = json.loads((pipeline_dir / "model_card.json").read_text())
+@pytest.mark.timeout(900)  # the module fixture trains and quantizes on a busy CPU
+def test_card_describes_the_file(installed: Path) -> None:
+    card = json.loads((installed / "model_card.json").read_text())
     assert card.keys() >= CARD_FIELDS
-    tflite = (pipeline_dir / "mnist_cnn_int8.tflite").read_bytes()
+    tflite = (installed / "mnist_cnn_int8.tflite").read_bytes()
     sha256 = hashlib.sha256(tflite).hexdigest()
     assert card["sha256"] == sha256
-    assert card["version"] == sha256[:12]
+    assert card["version"] == sha256[:12] == installed.name
     assert card["size_bytes"] == len(tflite)
     assert card["name"] == "mnist-cnn-int8"
     assert card["output"] == "logits"
@@ -84,19 +122,93 @@ def test_card_describes_the_file(pipeline_dir: Path) -> None:
     assert card["labels"] == list(range(10))
     assert set(card["quantization"]) == {"input", "output"}
     assert {"scale", "zero_point"} <= card["quantization"]["input"].keys()
-    assert card["metrics"]["test_samples"] == 100
-    assert 0.0 <= card["metrics"]["accuracy_int8"] <= 1.0
+    metrics = card["metrics"]
+    assert metrics["test_samples"] == 100 and metrics["validation_samples"] == 100
+    for name in ("accuracy_int8", "validation_accuracy_int8", "user_style_accuracy"):
+        assert 0.0 <= metrics[name] <= 1.0, name
+    assert metrics["printed_samples"] > 0 and metrics["other_writers_samples"] == 100
+    assert card["gate"]["split"] == "validation" and card["gate"]["enforced"] is False
+    assert card["latency_ms_per_image"]["batch_1"] > 0
     assert card["data"]["train"] == 4000 and card["data"]["test"] == 1000
-    assert card["training"]["epochs"] == 1 and card["training"]["params"] > 0
+    training = card["training"]
+    assert training["recipe"] == "v2" and training["epochs"] == 1 and training["params"] > 0
 
 
 @pytest.mark.slow
-def test_digit_model_runs_the_tflite(pipeline_dir: Path) -> None:
-    model = DigitModel(model_path=pipeline_dir / "mnist_cnn_int8.tflite")
+@pytest.mark.timeout(900)  # the module fixture trains and quantizes on a busy CPU
+def test_digit_model_runs_the_tflite(installed: Path) -> None:
+    model = DigitModel(
+        model_path=installed / "mnist_cnn_int8.tflite", card_path=installed / "model_card.json"
+    )
     model.load()
+    assert not model.card_mismatch()
     assert model.input_spec is not None and model.input_spec.dtype == np.int8
     assert model.output_spec is not None and model.output_spec.dtype == np.int8
     images = np.random.default_rng(0).random((5, 28, 28), dtype=np.float32)
     probabilities = model.predict(images)
     assert probabilities.shape == (5, 10)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # the module fixture trains and quantizes on a busy CPU
+def test_failed_gate_leaves_models_untouched(workspace: Path, installed: Path) -> None:
+    before = snapshot(workspace / "models")
+    # int8 would have to beat float by 100 points: the gate fails whatever the weights are.
+    result = run_script(
+        "quantize_model.py",
+        "--keras", str(workspace / "build" / "mnist_cnn.keras"),
+        "--models-dir", str(workspace / "models"),
+        *QUANTIZE_SMOKE,
+        "--max-int8-drop", "-1",
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "nothing was installed" in result.stderr
+    assert snapshot(workspace / "models") == before
+    assert sorted(path.name for path in workspace.iterdir()) == ["build", "models"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # the module fixture trains and quantizes on a busy CPU
+def test_failed_gate_does_not_create_a_models_folder(workspace: Path, tmp_path: Path) -> None:
+    result = run_script(
+        "quantize_model.py",
+        "--keras", str(workspace / "build" / "mnist_cnn.keras"),
+        "--models-dir", str(tmp_path / "models"),
+        *QUANTIZE_SMOKE,
+        "--max-int8-drop", "-1",
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # the module fixture trains and quantizes on a busy CPU
+def test_evaluate_compares_versions(installed: Path) -> None:
+    output = run_ok("-m", "training.evaluate", str(installed), str(installed), "--subset", "60")
+    table = output[output.index("int8 accuracy") :].split("\n", 1)[1]
+    *rows, latency = [line for line in table.splitlines() if line.strip()]
+    assert [row.split("(")[0].strip() for row in rows] == [
+        "test split",
+        "user-style uploads",
+        "printed digits",
+        "other writers",
+    ]
+    for row in rows:  # two columns, the same model twice: the same accuracy
+        first, second = (float(cell) for cell in row.split()[-2:])
+        assert 0.0 <= first <= 1.0 and first == second
+    assert latency.startswith("ms per image")
+    assert all(float(cell) > 0 for cell in latency.split()[-2:])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # the module fixture trains and quantizes on a busy CPU
+def test_recipe_v1_still_builds_the_first_model() -> None:
+    # Importing train_model starts TensorFlow: keep it out of this process.
+    code = (
+        "from train_model import RECIPES; m = RECIPES['v1'].build(); "
+        "print(m.name, m.count_params())"
+    )
+    output = run_ok("-c", code).split()
+    # 131,754 parameters: what models/fe5e4f4d480b's card records for the first model.
+    assert output[-2:] == ["mnist_cnn", "131754"]

@@ -70,3 +70,20 @@ def stratified_subset(
 def normalize_batch(images: np.ndarray) -> np.ndarray:
     """Run every grey image through the service's `normalize_digit`: (n, 28, 28) float32 [0, 1]."""
     return np.stack([normalize_digit(image) for image in images]).astype(np.float32)
+
+
+VALIDATION_SIZE = 500  # training samples held out for validation (train_model.py --val-size)
+VALIDATION_SEED = 0  # train_model.py --seed
+
+
+def validation_mask(y_train: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """Boolean mask of the validation rows carved from the training split.
+
+    The one definition shared by `train_model.py` (which holds these rows out of its first
+    fit) and `quantize_model.py` (whose int8 gate decides on them), so both see the same rows
+    for the same seed and size.
+    """
+    mask = np.zeros(len(y_train), dtype=bool)
+    index, _, _, _ = stratified_subset(np.arange(len(y_train)), y_train, size, seed)
+    mask[index] = True
+    return mask
