@@ -162,3 +162,17 @@ def test_two_workers_share_one_count(redis_server: RedisServer, tmp_path: Path) 
         assert after.status_code == 200
     finally:
         stop(server.process)
+
+
+def test_a_busy_servers_retry_after_survives_the_limiter_headers(settings: Settings) -> None:
+    """A 503 server_busy keeps its own Retry-After (seconds) although the limiter, which
+    stamps every keyed answer with its window's reset, ran after the error handler."""
+    app = create_app(settings.replace(rate_limit="100/minute", decode_wait_seconds=0.2))
+    budget = app.extensions["mnist_service"].limits.budget
+    client = app.test_client()
+    with budget.reserve(budget.capacity):  # every byte of this worker's budget is taken
+        busy = predict(client, API_KEYS[0])
+    assert_contract_error(busy, 503, "server_busy")
+    assert busy.headers["Retry-After"] == budget.retry_after() == "1"
+    assert busy.headers["X-RateLimit-Limit"] == "100"
+    assert predict(client, API_KEYS[0]).status_code == 200  # and the budget is free again
