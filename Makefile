@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 PORT ?= 8000
 # A development key for `make run` only; production refuses to start without API_KEY(S).
 API_KEY ?= dev-key
+# ... and a development admin key, so the deployment routes can be tried locally.
+ADMIN_API_KEY ?= dev-admin-key
 
 .PHONY: run test lint model retrain soak bench system-deps clean
 
@@ -23,9 +25,9 @@ $(VENV)/.dev-installed: requirements.txt requirements-dev.txt requirements-train
 
 ## run: serve the app with gunicorn on http://127.0.0.1:$(PORT) (no Redis, no broker needed)
 run: $(VENV)/.deploy-installed
-	@echo "Serving on http://127.0.0.1:$(PORT)  -  API key: $(API_KEY)"
+	@echo "Serving on http://127.0.0.1:$(PORT)  -  API key: $(API_KEY)  -  admin key: $(ADMIN_API_KEY)"
 	@echo "Try: curl -H 'x-api-key: $(API_KEY)' -F file=@digit.png http://127.0.0.1:$(PORT)/predict"
-	PORT=$(PORT) API_KEY=$(API_KEY) WEB_CONCURRENCY=$${WEB_CONCURRENCY:-1} \
+	PORT=$(PORT) API_KEY=$(API_KEY) ADMIN_API_KEYS=$(ADMIN_API_KEY) WEB_CONCURRENCY=$${WEB_CONCURRENCY:-1} \
 		LOG_FORMAT=$${LOG_FORMAT:-text} $(BIN)/gunicorn api:app -c gunicorn.conf.py
 
 ## system-deps: Debian packages the tests drive (Chromium, redis-server)

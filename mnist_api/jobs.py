@@ -43,8 +43,14 @@ class JobService:
         """True when tasks run in-process because no broker is configured."""
         return bool(self.celery.conf.task_always_eager)
 
-    def submit(self, data: bytes, request_id: str) -> str:
+    def submit(
+        self, data: bytes, request_id: str, *, client: str = "", version: str | None = None
+    ) -> str:
         """Validate the upload now, queue its prediction, and return the task id.
+
+        The version is chosen now, as for /predict (`version` pins it, else the deployment
+        decides for the key fingerprint `client`), and travels in the task message, so an
+        A/B group or a canary draw holds for async jobs too.
 
         Raises the same 4xx errors as /predict, `PayloadTooLarge` over the async cap,
         `QueueFull` when the uploads waiting for workers fill their budget, or
@@ -57,7 +63,8 @@ class JobService:
                 f"{len(data)}); send it to /predict instead."
             )
         task_id = str(uuid.uuid4())
-        cached = self.service.lookup(data)
+        answering = self.service.route_for(client, version).answer
+        cached = self.service.lookup(data, answering)
         if cached is not None:
             # Already answered: the task is complete at birth, no worker needed.
             self.store.issue(task_id)
@@ -70,7 +77,7 @@ class JobService:
         try:
             self.store.issue(task_id)
             self.celery.tasks[PREDICT_UPLOAD].apply_async(
-                args=(sha256, request_id), task_id=task_id
+                args=(sha256, request_id, answering), task_id=task_id
             )
         except (*_BROKER_ERRORS, BrokerUnavailable) as error:
             self.store.forget(task_id)

@@ -193,11 +193,17 @@ def _pause_for_tests() -> None:
         time.sleep(delay)  # TASK_DELAY_SECONDS: lets a test catch a task while it runs
 
 
-def _outcomes(sha256s: list[str]) -> list[Outcome]:
-    """Predict the stored uploads; an expired or bad upload becomes its error."""
+def _outcomes(sha256s: list[str], version: str | None = None) -> list[Outcome]:
+    """Predict the stored uploads with `version` (None: the deployment's choice); an expired
+    or bad upload becomes its error."""
     uploads = get_job_store().get_uploads(sha256s)
     present = [data for data in uploads if data is not None]
-    answers = iter(get_service().predict_many(present))
+    service = get_service()
+    if version is not None and version not in service.registry:
+        # Queued by a web dyno with a version this (older) worker lacks: still answer.
+        logger.warning("version {} is not installed on this worker; using the deployment", version)
+        version = None
+    answers = iter(service.predict_many(present, version=version))
     outcomes: list[Outcome] = []
     for data in uploads:
         if data is None:
@@ -231,13 +237,14 @@ def predict_upload(
     self: Task,  # type: ignore[type-arg]
     sha256: str,
     request_id: str,
+    version: str | None = None,
 ) -> Outcome:
-    """Predict one stored upload (queued by /predict_async)."""
+    """Predict one stored upload (queued by /predict_async) with the version chosen then."""
     with logger.contextualize(request_id=request_id, task_id=self.request.id):
         _count_delivery(self)
         _pause_for_tests()
         _crash_for_tests(self, [sha256])
-        outcome = _outcomes([sha256])[0]
+        outcome = _outcomes([sha256], version)[0]
         logger.info("task done", code=outcome.get("code"))
         return outcome
 

@@ -159,3 +159,25 @@ def test_the_cache_key_carries_the_preprocessing_version(app: APIFlask) -> None:
     )
     assert service.key_for(data) != other.key_for(data)
     assert f"+p{service.preprocessing}:" in service.key_for(data)
+
+
+def test_an_async_job_is_answered_by_the_version_chosen_when_it_was_accepted(
+    client: FlaskClient, auth: dict[str, str], app: APIFlask
+) -> None:
+    for version in app.extensions[SERVICE].registry.versions():
+        accepted = client.post(
+            f"/predict_async?model_version={version}",
+            data=png_of(6) + version.encode(),  # fresh bytes: not answered from the cache
+            headers={**auth, "Content-Type": "image/png"},
+        )
+        assert accepted.status_code == 202, accepted.get_json()
+        status = client.get(accepted.get_json()["status_url"], headers=auth).get_json()
+        assert status["state"] == "SUCCESS", status
+        assert status["result"]["model_version"] == f"mnist-cnn-int8-{version}"
+    missing = client.post(
+        "/predict_async?model_version=0123456789ab",
+        data=png_of(6),
+        headers={**auth, "Content-Type": "image/png"},
+    )
+    assert missing.status_code == 404
+    assert missing.get_json()["code"] == "model_not_found"

@@ -91,6 +91,7 @@ def predict_batch(query: dict[str, Any]) -> dict[str, Any]:
 
 @bp.post("/predict_async")
 @bp.auth_required(api_key_auth)
+@bp.input(schemas.VersionQuery, location="query", arg_name="query")
 @bp.output(
     schemas.TaskAccepted,
     status_code=202,
@@ -107,15 +108,16 @@ def predict_batch(query: dict[str, Any]) -> dict[str, Any]:
     summary="Queue a prediction and poll its status",
     description=(
         "Same body as /predict, validated now (same errors). Answers 202 with the task id; "
-        "poll `status_url`."
+        "poll `status_url`. The version is chosen now, as for /predict (`model_version` "
+        "pins it)."
     ),
     responses=[*UPLOAD_ERRORS, 503],
 )
 @documents_upload(schemas.Upload)
-def predict_async() -> tuple[dict[str, Any], int, dict[str, str]]:
+def predict_async(query: dict[str, Any]) -> tuple[dict[str, Any], int, dict[str, str]]:
     """Accept an upload for an async prediction."""
     data = uploads.read_single(request)
-    task_id = get_jobs().submit(data, g.request_id)
+    task_id = get_jobs().submit(data, g.request_id, client=_client(), version=_pinned_version())
     status_url = url_for("api.task_status", task_id=task_id)
     return {"task_id": task_id, "status_url": status_url}, 202, {"Location": status_url}
 
