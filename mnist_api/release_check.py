@@ -58,15 +58,18 @@ def check_version(folder: Path) -> str:
 
 def check_models(settings: Settings) -> list[str]:
     """Check every installed version; return their full versions, oldest first."""
-    strays = [
-        p.parent.name
-        for p in sorted(settings.models_dir.glob("*/*.tflite"))
-        if not is_version_dir(p.parent) and not p.parent.name.startswith(".")
-    ]
-    if strays:
-        raise ReleaseCheckFailed(
-            f"model folders not named after a 12-hex version: {', '.join(strays)}"
-        )
+    # Every visible folder under models/ must be a complete version: one that lost its model
+    # file, or is not named after it, would otherwise just be skipped by the registry.
+    if not settings.models_dir.is_dir():
+        raise ReleaseCheckFailed(f"the models folder {settings.models_dir} is missing")
+    for folder in sorted(p for p in settings.models_dir.iterdir() if p.is_dir()):
+        if folder.name.startswith((".", "_")):
+            continue
+        if not is_version_dir(folder):
+            raise ReleaseCheckFailed(
+                f"models/{folder.name} is not an installed version: a version folder is named "
+                f"after the first 12 hex of its {TFLITE_FILE}'s SHA-256 and holds that file"
+            )
     try:
         registry = ModelRegistry.discover(settings.models_dir)
         registry.default_version(settings.default_model_version)

@@ -33,6 +33,8 @@ from training.feedback_data import (
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 STABLE = "fe5e4f4d480b"
 
+INSTALLED = {p.name for p in (PROJECT_ROOT / "models").iterdir() if p.is_dir()}
+
 
 def rotated_ones(count: int) -> np.ndarray:
     """Training-split 1s turned on their side, normalised: a shape stable gets wrong.
@@ -80,7 +82,7 @@ def retrain(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture
 def models_dir(tmp_path: Path) -> Path:
-    """A copy of the committed models folder (stable, with its Keras weights)."""
+    """A copy of the committed models folder (every installed version, Keras weights too)."""
     target = tmp_path / "models"
     target.mkdir()
     for folder in (PROJECT_ROOT / "models").iterdir():
@@ -117,7 +119,7 @@ def test_retrain_installs_a_better_challenger_from_feedback(
     assert "100 feedback rows from 5 keys" in done.stdout
     assert "gate (b) feedback holdout: pass" in done.stdout
 
-    new = [p for p in models_dir.iterdir() if p.name != STABLE]
+    new = [p for p in models_dir.iterdir() if p.name not in INSTALLED]
     assert len(new) == 1, new
     folder = new[0]
     assert check_version(folder).endswith(folder.name)  # what the release phase checks
@@ -136,12 +138,14 @@ def test_retrain_installs_a_better_challenger_from_feedback(
     png = (tmp_path / "report" / "retrain_report.png").read_bytes()
     assert png.startswith(b"\x89PNG")
     # The registry finds it (the newest); nothing half-made is left in the folder.
-    assert ModelRegistry.discover(models_dir).versions() == [STABLE, folder.name]
+    versions = ModelRegistry.discover(models_dir).versions()
+    assert versions[-1] == folder.name and set(versions) == INSTALLED | {folder.name}
     assert not [p for p in models_dir.iterdir() if p.name.startswith(".")]
-    # The release phase finds the proposal; without a deployment manager it proposes
+    # The release phase finds the proposal; without Redis (no deployment store) it proposes
     # nothing and says so, and the release still succeeds.
     registry = ModelRegistry.discover(models_dir)
     assert pending_proposal(registry) == Proposal(folder.name, "canary", 0.1)
+    assert registry.default_version() == STABLE  # a proposed version is not stable by default
     settings = Settings(models_dir=models_dir, database_url=url)
     assert release(settings) == 0
 
@@ -160,7 +164,7 @@ def test_a_worse_challenger_is_refused_and_an_empty_store_is_a_plain_retrain(
     assert "plain retrain: only 0 feedback examples" in done.stdout
     assert "gate (a) test split: FAIL" in done.stdout
     assert "proposal" not in done.stdout
-    assert [p.name for p in models_dir.iterdir()] == [STABLE]  # nothing installed
+    assert {p.name for p in models_dir.iterdir()} == INSTALLED  # nothing installed
     report = (tmp_path / "report" / "retrain_report.md").read_text()
     assert "refused" in report and "plain retrain" in report
     assert (tmp_path / "report" / "retrain_report.png").is_file()

@@ -9,6 +9,7 @@ set from `quantize_model.py`. A challenger starts from the stable version's Kera
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ import tensorflow as tf
 
 from mnist_api.model import DigitModel
 from quantize_model import calibration_images, convert
-from train_model import build_model
+from train_model import RECIPES
 from training.augment import augment_mnist, mnist_canvas
 from training.feedback_data import FeedbackSplit
 
@@ -43,13 +44,25 @@ class TrainingPlan:
 
 
 def starting_model(stable_dir: Path, from_scratch: bool) -> tuple[keras.Model, str]:
-    """The model to train and how it started: stable's weights, or a fresh `build_model()`."""
+    """The model to train and how it started: stable's weights, or a fresh network of
+    stable's recipe (its card's `training.recipe`; `v1` for cards from before recipes)."""
     keras_path = stable_dir / KERAS_FILE
     if not from_scratch and keras_path.is_file():
         model = keras.models.load_model(keras_path, compile=False)
         return model, f"fine-tuned from {stable_dir.name}"
     reason = "asked for" if from_scratch else f"no {KERAS_FILE} next to {stable_dir.name}"
-    return build_model(), f"trained from scratch ({reason})"
+    recipe = _recipe_of(stable_dir)
+    return RECIPES[recipe].build(), f"trained from scratch, recipe {recipe} ({reason})"
+
+
+def _recipe_of(version_dir: Path) -> str:
+    """The training recipe a version's card names, if this code still has it, else v1."""
+    try:
+        card = json.loads((version_dir / "model_card.json").read_text())
+    except (OSError, ValueError):
+        return "v1"
+    recipe = str(card.get("training", {}).get("recipe", "v1"))
+    return recipe if recipe in RECIPES else "v1"
 
 
 def train(
