@@ -93,7 +93,7 @@ class Settings:
     v2_max_pixels_batch: int = 1024
     # Memory one worker lets its image decodes hold at once, and how long a decode waits for
     # room before the client gets 503 server_busy (README: "Memory per worker").
-    decode_memory_budget_mb: int = 40
+    decode_memory_budget_mb: int = 24
     decode_wait_seconds: float = 2.0
     cors_origins: tuple[str, ...] = ("*",)
     redis_url: str = ""

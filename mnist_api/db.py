@@ -16,15 +16,15 @@ from __future__ import annotations
 import contextlib
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
 from mnist_api.config import PROJECT_ROOT, Settings
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 DEFAULT_SQLITE_PATH = PROJECT_ROOT / "instance" / "feedback.db"
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
@@ -81,11 +81,21 @@ def build_engine(url: str, timeout: float = 3.0) -> Engine:
 
 def alembic_config(url: str) -> Config:
     """Alembic's configuration, in code (no alembic.ini): the migrations folder and the URL."""
+    from alembic.config import Config  # noqa: PLC0415 - see _alembic_command
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     # ConfigParser interpolates '%': a password with one must be escaped.
     config.set_main_option("sqlalchemy.url", normalize_url(url).replace("%", "%%"))
     return config
+
+
+def _alembic_command() -> Any:
+    """Alembic's commands, imported only when a migration runs: importing Alembic costs a
+    web worker about 11 MB of memory, and workers never migrate (the release phase does)."""
+    from alembic import command  # noqa: PLC0415
+
+    return command
 
 
 def upgrade(url: str, revision: str = "head", timeout: float = 10.0) -> None:
@@ -95,7 +105,7 @@ def upgrade(url: str, revision: str = "head", timeout: float = 10.0) -> None:
         with engine.begin() as connection:
             config = alembic_config(url)
             config.attributes["connection"] = connection
-            command.upgrade(config, revision)
+            _alembic_command().upgrade(config, revision)
     finally:
         engine.dispose()
 
@@ -105,6 +115,8 @@ def current_revision(url: str, timeout: float = 10.0) -> str | None:
     engine = build_engine(url, timeout)
     try:
         with engine.connect() as connection:
+            from alembic.runtime.migration import MigrationContext  # noqa: PLC0415
+
             return MigrationContext.configure(connection).get_current_revision()
     finally:
         engine.dispose()
@@ -128,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         print(current_revision(url) or "empty (no migration applied)")
         return 0
     if len(args) == 2 and args[0] == "revision":
-        command.revision(alembic_config(url), message=args[1], autogenerate=True)
+        _alembic_command().revision(alembic_config(url), message=args[1], autogenerate=True)
         return 0
     print('usage: python -m mnist_api.db upgrade|current|revision "message"', file=sys.stderr)
     return 2

@@ -124,7 +124,7 @@ def test_one_upload_costing_more_than_the_whole_budget_is_refused_at_once() -> N
 def test_the_default_budget_is_the_configured_one() -> None:
     settings = Settings.from_env({"DECODE_MEMORY_BUDGET_MB": "96", "DECODE_WAIT_SECONDS": "0.5"})
     assert (settings.decode_memory_budget_mb, settings.decode_wait_seconds) == (96, 0.5)
-    assert (Settings().decode_memory_budget_mb, Settings().decode_wait_seconds) == (40, 2.0)
+    assert (Settings().decode_memory_budget_mb, Settings().decode_wait_seconds) == (24, 2.0)
 
 
 # Through the preprocessing: what the service does with real files.

@@ -33,14 +33,16 @@ ALLOCATOR_SLACK = 8 * MIB
 
 @cache
 def large_png() -> bytes:
-    """A 2800x2800 RGBA canvas: fits the default budget alone, not two at once."""
-    return canvas_png((2800, 2800))
+    """A 1900x1900 RGBA canvas (21 MiB to decode): fits the default budget alone, not two
+    at once."""
+    return canvas_png((1900, 1900))
 
 
 @cache
 def large_webp() -> bytes:
-    """A 1400x1400 WEBP (a WEBP decode holds five full-size copies): also one at a time."""
-    return photo_webp((1400, 1400))
+    """A 1000x1000 WEBP (a WEBP decode holds five full-size copies, 21 MiB): also one at a
+    time."""
+    return photo_webp((1000, 1000))
 
 
 @cache

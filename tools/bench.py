@@ -474,6 +474,11 @@ def measure_shadow(
     if not others:
         print("shadow rounds skipped: only one model version is installed", flush=True)
         return
+    # What one more interpreter call costs: the candidate's own single-image inference.
+    candidate = registry.get(others[-1])
+    candidate.load()
+    field_ = preprocess(miss28.body)[np.newaxis]
+    report.alone["inference_single_ms_candidate"] = _cpu_ms(lambda: candidate.predict(field_), 2000)
     shadow = Scenario("predict 28x28 miss, shadow", "POST", "/predict", "nonce", "image/png")
     shadow.body = miss28.body
     for round_number in range(PAIRED_ROUNDS):
@@ -574,11 +579,12 @@ def targets(report: Report) -> list[tuple[str, str, bool]]:
     if report.shadow_extra_ms:
         # One more interpreter call per miss, with room for the machine's noise (0.15 ms).
         extra = statistics.median(report.shadow_extra_ms)
-        allowed = report.alone["inference_single_ms"] + 0.15
+        one_call = report.alone["inference_single_ms_candidate"]
+        allowed = one_call + 0.15
         shadow_goal.append(
             (
                 "shadow adds <= one interpreter call per miss (worker CPU)",
-                f"+{extra:.2f} ms vs one call {report.alone['inference_single_ms']:.2f} ms "
+                f"+{extra:.2f} ms vs one call of the candidate {one_call:.2f} ms "
                 f"(median of {', '.join(f'{x:+.2f}' for x in report.shadow_extra_ms)})",
                 extra <= allowed,
             )

@@ -22,7 +22,7 @@ from mnist_api.schemas import documents_upload
 
 bp = APIBlueprint("api", __name__, tag="Predictions")
 
-UPLOAD_ERRORS = [400, 401, 404, 413, 415, 422, 503]
+UPLOAD_ERRORS = [400, 401, 404, 413, 415, 422, 429, 503]
 
 
 def _pinned_version() -> str | None:
@@ -72,7 +72,7 @@ def predict(query: dict[str, Any]) -> Response:
         "One `files` part per image; a bad file gets its own error in place. The whole batch "
         "is answered by one model version (`model_version` pins it)."
     ),
-    responses=[400, 401, 404, 413, 415, 503],
+    responses=[400, 401, 404, 413, 415, 429, 503],
 )
 @documents_upload(schemas.BatchUpload)
 def predict_batch(query: dict[str, Any]) -> dict[str, Any]:
@@ -111,7 +111,7 @@ def predict_batch(query: dict[str, Any]) -> dict[str, Any]:
         "poll `status_url`. The version is chosen now, as for /predict (`model_version` "
         "pins it)."
     ),
-    responses=[*UPLOAD_ERRORS, 503],
+    responses=UPLOAD_ERRORS,
 )
 @documents_upload(schemas.Upload)
 def predict_async(query: dict[str, Any]) -> tuple[dict[str, Any], int, dict[str, str]]:
