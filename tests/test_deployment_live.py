@@ -101,8 +101,20 @@ def deployment_seen(server: LiveServer, request_id: str = "") -> dict[str, Any]:
 
 
 def wait_everywhere(server: LiveServer, deployment_id: str, timeout: float = 10.0) -> None:
-    """Until 20 answers in a row (new connections, so both workers) show `deployment_id`."""
+    """Until every worker has logged `deployment_id` in force, and 20 answers in a row show it.
+
+    The log is the proof per worker: answers alone may all come from the worker that made
+    the change, while the other one picks it up at its next refresh.
+    """
     deadline = time.monotonic() + timeout
+    workers = server.worker_pids()
+    message = f"deployment {deployment_id} in force"
+    while True:
+        assert time.monotonic() < deadline, f"deployment {deployment_id} not on every worker"
+        taken = {r["pid"] for r in server.records() if r["message"].startswith(message)}
+        if workers <= taken:
+            break
+        time.sleep(0.1)
     streak = 0
     while streak < 20:
         assert time.monotonic() < deadline, f"deployment {deployment_id} not on every worker"
