@@ -21,6 +21,7 @@ import redis
 from loguru import logger
 
 from mnist_api import redis_clients
+from mnist_api.breaker import Breaker
 from mnist_api.config import Settings
 
 Value = dict[str, Any]
@@ -170,11 +171,8 @@ class RedisCache:
     ) -> None:
         self.client = client
         self.ttl_seconds = ttl_seconds
-        self.retry_seconds = retry_seconds
         self._hooks = hooks or CacheHooks()
-        self._lock = threading.Lock()
-        self._down_since: float | None = None
-        self._retry_at = 0.0
+        self._breaker = Breaker(retry_seconds, self._outage_started, self._outage_ended)
 
     @classmethod
     def from_url(
@@ -193,23 +191,23 @@ class RedisCache:
         """MGET all keys at once; a Redis failure reads as all misses."""
         if not keys:
             return []
-        if not self._available():
+        if not self._breaker.available():
             self._hooks.lookups("error", len(keys))
             return [None] * len(keys)
         try:
             raw = self.client.mget(list(keys))
         except redis.RedisError as error:
-            self._failed(error)
+            self._breaker.failed(error)
             self._hooks.lookups("error", len(keys))
             return [None] * len(keys)
-        self._succeeded()
+        self._breaker.succeeded()
         found = [json.loads(item) if item is not None else None for item in raw]
         _report(self._hooks, found)
         return found
 
     def set_many(self, items: dict[str, Value]) -> None:
         """SET ... EX ttl for every item in one pipeline; a Redis failure is only recorded."""
-        if not items or not self._available():
+        if not items or not self._breaker.available():
             return
         try:
             pipe = self.client.pipeline(transaction=False)
@@ -217,49 +215,28 @@ class RedisCache:
                 pipe.set(key, json.dumps(value, separators=(",", ":")), ex=self.ttl_seconds)
             pipe.execute()
         except redis.RedisError as error:
-            self._failed(error)
+            self._breaker.failed(error)
             return
-        self._succeeded()
+        self._breaker.succeeded()
 
     def status(self) -> str:
         """`redis` if Redis answers a PING now (or is known good), else `degraded`."""
-        if self._available():
+        if self._breaker.available():
             try:
                 self.client.ping()
             except redis.RedisError as error:
-                self._failed(error)
+                self._breaker.failed(error)
             else:
-                self._succeeded()
-        return "degraded" if self._down_since is not None else "redis"
+                self._breaker.succeeded()
+        return "degraded" if self._breaker.down else "redis"
 
-    def _available(self) -> bool:
-        """False while the breaker is open (Redis failed less than `retry_seconds` ago)."""
-        return self._down_since is None or time.monotonic() >= self._retry_at
+    def _outage_started(self, error: Exception) -> None:
+        self._hooks.degraded(True)
+        logger.warning("cache degraded: Redis failed ({}); serving uncached", type(error).__name__)
 
-    def _failed(self, error: redis.RedisError) -> None:
-        with self._lock:
-            first = self._down_since is None
-            now = time.monotonic()
-            if first:
-                self._down_since = now
-            self._retry_at = now + self.retry_seconds
-        if first:
-            self._hooks.degraded(True)
-            # Once per incident, not once per request: an outage must not flood the logs.
-            logger.warning(
-                "cache degraded: Redis failed ({}); serving uncached", type(error).__name__
-            )
-
-    def _succeeded(self) -> None:
-        if self._down_since is None:
-            return
-        with self._lock:
-            down_since, self._down_since = self._down_since, None
-        if down_since is not None:
-            self._hooks.degraded(False)
-            logger.info(
-                "cache recovered: Redis answers again after {:.1f} s", time.monotonic() - down_since
-            )
+    def _outage_ended(self, seconds_down: float) -> None:
+        self._hooks.degraded(False)
+        logger.info("cache recovered: Redis answers again after {:.1f} s", seconds_down)
 
 
 def build_cache(settings: Settings, hooks: CacheHooks | None = None) -> PredictionCache:

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from limits import parse_many
+from mnist_api.rate_windows import parse_windows
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MIB = 1024 * 1024
@@ -61,7 +61,7 @@ def _rate_limit(raw: str | None, default: str) -> str:
     if value.lower() in ("off", "none", "0", "false"):
         return ""
     try:
-        parse_many(value)
+        parse_windows(value)
     except ValueError as exc:
         raise ConfigError(f"RATE_LIMIT must look like '120/minute', got {value!r}") from exc
     return value

@@ -29,10 +29,6 @@ class BadRequest(errors.ServiceError):
 def error_response(error: errors.ServiceError) -> tuple[Response, int, dict[str, str]]:
     """The JSON response for a typed error (also counted by metrics later)."""
     g.error_code = error.code
-    if error.status != 429 and "Retry-After" in error.headers:
-        # The rate limiter would replace it with its own window's reset on the way out;
-        # request_context puts this one back (a busy server's retry is seconds, not a minute).
-        g.retry_after = error.headers["Retry-After"]
     return jsonify(error.to_dict()), error.status, error.headers
 
 

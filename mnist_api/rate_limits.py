@@ -1,28 +1,157 @@
-"""Per-key rate limits on the keyed API (flask-limiter), shared by every worker and dyno.
+"""Per-key rate limits on the keyed API: fixed windows shared by every worker and dyno.
 
 Counts live in Redis when `REDIS_URL` is set (one count across workers and dynos), else in
 memory. A request with a valid key is counted against that key; anything else (no key, a
 wrong key) against the client's IP, so rotating made-up keys does not escape the limit.
-That IP is the TCP peer unless `PROXY_FIX_X_FOR` trusts proxies (Heroku's router). If
-the limiter's Redis fails, requests are still served (fail open, logged) and counted in
-memory until Redis answers again. Public routes (/healthz, /readyz, /metrics, the page)
-are not limited.
+That IP is the TCP peer unless `PROXY_FIX_X_FOR` trusts proxies (Heroku's router). Each
+route has its own count per key. Public routes (/healthz, /readyz, /metrics, the page) are
+not limited.
+
+One request costs one Redis round trip: a script increments every window's counter and
+returns the counts with their time to reset, which is all the `X-RateLimit-*` headers need.
+(Flask-Limiter, used before, made three: the increment, then a GET and a TTL for the
+headers; a quarter of a cached answer's time.) If Redis fails, requests are still served
+(fail open, logged once) and counted in this process until Redis answers again.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Protocol
 
+import redis
 from apiflask import APIBlueprint
-from flask import Flask, request
-from flask_limiter import Limiter
+from flask import Flask, Response, g, request
+from loguru import logger
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from mnist_api import redis_clients
 from mnist_api.auth import API_KEY_HEADER, key_fingerprint, key_matches
+from mnist_api.breaker import Breaker
 from mnist_api.config import Settings
+from mnist_api.errors import RateLimited
 from mnist_api.extensions import get_settings
+from mnist_api.rate_windows import Window, parse_windows
+
+KEY_PREFIX = "mnist-rl"
+# Seconds a failed Redis is left alone before the limiter tries it again.
+RETRY_SECONDS = 1.0
+
+# Counts one request in every window of one identity; returns count, seconds to reset, ...
+# A counter without a TTL (never expected, but it would never reset) gets its window again.
+_HIT_SCRIPT = """
+local result = {}
+for i, key in ipairs(KEYS) do
+  local seconds = tonumber(ARGV[i])
+  local count = redis.call('INCR', key)
+  local ttl = redis.call('TTL', key)
+  if count == 1 or ttl < 0 then
+    redis.call('EXPIRE', key, seconds)
+    ttl = seconds
+  end
+  result[2 * i - 1] = count
+  result[2 * i] = ttl
+end
+return result
+"""
+
+
+@dataclass(frozen=True)
+class Count:
+    """One window's count after this request, and the seconds until the window resets."""
+
+    window: Window
+    count: int
+    reset_in: float
+
+    @property
+    def remaining(self) -> int:
+        """Requests left in this window (0 when over)."""
+        return max(0, self.window.amount - self.count)
+
+
+class Counter(Protocol):
+    """Counts a request in several windows at once."""
+
+    def hit(self, key: str, windows: Sequence[Window]) -> list[Count]:
+        """Add one to every window of `key`; the counts after it, in order."""
+
+
+class MemoryCounter:
+    """This process's fixed windows (no Redis, and Redis outages)."""
+
+    def __init__(self, max_keys: int = 100_000) -> None:
+        self.max_keys = max_keys
+        self._lock = threading.Lock()
+        self._windows: dict[str, tuple[float, int]] = {}  # key -> (resets at, count)
+
+    def hit(self, key: str, windows: Sequence[Window]) -> list[Count]:
+        """Count in memory; a window starts at its first request, as in Redis."""
+        now = time.monotonic()
+        counts = []
+        with self._lock:
+            if len(self._windows) > self.max_keys:  # only expired windows can be dropped
+                self._windows = {k: v for k, v in self._windows.items() if v[0] > now}
+            for window in windows:
+                name = f"{key}:{window.name}"
+                resets_at, count = self._windows.get(name, (0.0, 0))
+                if resets_at <= now:
+                    resets_at, count = now + window.seconds, 0
+                self._windows[name] = (resets_at, count + 1)
+                counts.append(Count(window, count + 1, resets_at - now))
+        return counts
+
+
+class RedisCounter:
+    """Windows in Redis, shared by every process: one script call per request."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._script = client.register_script(_HIT_SCRIPT)
+
+    def hit(self, key: str, windows: Sequence[Window]) -> list[Count]:
+        """INCR (and EXPIRE on the first) every window's counter in one round trip."""
+        keys = [f"{KEY_PREFIX}:{key}:{window.name}" for window in windows]
+        raw = self._script(keys=keys, args=[window.seconds for window in windows])
+        return [
+            Count(window, int(raw[2 * i]), float(raw[2 * i + 1]))
+            for i, window in enumerate(windows)
+        ]
+
+
+class RateLimiter:
+    """Counts requests per identity and route, in Redis if given, falling back to memory."""
+
+    def __init__(self, windows: Sequence[Window], counter: Counter | None = None) -> None:
+        self.windows = tuple(windows)
+        self._memory = MemoryCounter()
+        self._counter = counter or self._memory
+        self._breaker = Breaker(RETRY_SECONDS, _outage_started, _outage_ended)
+
+    def hit(self, key: str) -> list[Count]:
+        """Count one request of `key` in every window (never raises for a Redis failure)."""
+        if self._counter is not self._memory and self._breaker.available():
+            try:
+                counts = self._counter.hit(key, self.windows)
+            except redis.RedisError as error:
+                self._breaker.failed(error)
+            else:
+                self._breaker.succeeded()
+                return counts
+        return self._memory.hit(key, self.windows)
+
+
+def _outage_started(error: Exception) -> None:
+    logger.warning(
+        "rate limiter degraded: Redis failed ({}); counting in this process",
+        type(error).__name__,
+    )
+
+
+def _outage_ended(seconds_down: float) -> None:
+    logger.info("rate limiter recovered: Redis answers again after {:.1f} s", seconds_down)
 
 
 def rate_limit_key() -> str:
@@ -33,11 +162,21 @@ def rate_limit_key() -> str:
     return f"ip:{request.remote_addr or 'unknown'}"
 
 
+def headers_for(counts: Sequence[Count]) -> dict[str, str]:
+    """`X-RateLimit-*` of the window closest to refusing (the fewest requests left)."""
+    tightest = min(counts, key=lambda item: (item.remaining, -item.reset_in))
+    return {
+        "X-RateLimit-Limit": str(tightest.window.amount),
+        "X-RateLimit-Remaining": str(tightest.remaining),
+        "X-RateLimit-Reset": str(int(time.time() + tightest.reset_in)),
+    }
+
+
 def init_app(
     app: Flask, settings: Settings, limited: APIBlueprint | Sequence[APIBlueprint]
-) -> Limiter | None:
+) -> RateLimiter | None:
     """Trust X-Forwarded-For if told to (PROXY_FIX_X_FOR), then limit the routes of `limited`
-    (a blueprint or several), each route counted per key as /predict is."""
+    (a blueprint or several), each route counted per key."""
     if settings.proxy_fix_x_for > 0:
         # Heroku's router (one hop) appends the client's address: without this every
         # request would come from the router and share one IP bucket. Without a proxy in
@@ -48,24 +187,32 @@ def init_app(
         )
     if not settings.rate_limit:
         return None
-    storage_options: dict[str, Any] = {}
+    counter: Counter | None = None
     if settings.redis_url:
-        # limits' RedisStorage takes a ready pool: this process's shared `LIMITS` pool, so
-        # the URL's TLS decision and the timeouts are made in one place.
-        storage_options = {
-            "connection_pool": redis_clients.pool(settings.redis_url, redis_clients.LIMITS)
-        }
-    limiter = Limiter(
-        key_func=rate_limit_key,
-        app=app,
-        storage_uri=settings.redis_url or "memory://",
-        storage_options=storage_options,
-        strategy="fixed-window",
-        headers_enabled=True,
-        swallow_errors=True,  # a limiter outage must never become a 5xx
-        in_memory_fallback_enabled=True,
-        key_prefix="mnist-rl",
-    )
-    for blueprint in (limited,) if isinstance(limited, APIBlueprint) else limited:
-        limiter.limit(settings.rate_limit)(blueprint)
+        counter = RedisCounter(redis_clients.client(settings.redis_url, redis_clients.LIMITS))
+    limiter = RateLimiter(parse_windows(settings.rate_limit), counter)
+    names = {
+        blueprint.name
+        for blueprint in ((limited,) if isinstance(limited, APIBlueprint) else limited)
+    }
+
+    @app.before_request
+    def _count() -> None:
+        # A CORS preflight is the browser asking, not a use of the API.
+        if request.blueprint not in names or request.method == "OPTIONS":
+            return
+        counts = limiter.hit(f"{rate_limit_key()}:{request.endpoint}")
+        g.rate_limit_headers = headers = headers_for(counts)
+        over = [item for item in counts if item.count > item.window.amount]
+        if over:
+            wait = max(item.reset_in for item in over)
+            raise RateLimited(headers={**headers, "Retry-After": str(max(1, round(wait)))})
+
+    @app.after_request
+    def _headers(response: Response) -> Response:
+        headers = g.get("rate_limit_headers")
+        if headers:
+            response.headers.update(headers)
+        return response
+
     return limiter

@@ -36,9 +36,6 @@ def init_app(app: Flask) -> None:
     def _finish(response: Response) -> Response:
         request_id = g.get("request_id") or clean_request_id(None)
         response.headers[REQUEST_ID_HEADER] = request_id
-        retry_after = g.get("retry_after")
-        if retry_after:  # runs after the rate limiter's headers: the error's own value wins
-            response.headers["Retry-After"] = retry_after
         model_version = g.get("model_version")
         if model_version:
             # The version that really answered, for clients that read headers only.

@@ -6,11 +6,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import redis
 import requests
 from flask.testing import FlaskClient
 
+from mnist_api import rate_limits
 from mnist_api.app import create_app
 from mnist_api.config import ConfigError, Settings
+from mnist_api.rate_limits import KEY_PREFIX, RateLimiter, RedisCounter
+from mnist_api.rate_windows import Window, parse_windows
 from tests.samples import as_paper, encode, sample
 from tests.test_errors import assert_contract_error
 from tools.redis_server import RedisServer
@@ -165,8 +169,8 @@ def test_two_workers_share_one_count(redis_server: RedisServer, tmp_path: Path) 
 
 
 def test_a_busy_servers_retry_after_survives_the_limiter_headers(settings: Settings) -> None:
-    """A 503 server_busy keeps its own Retry-After (seconds) although the limiter, which
-    stamps every keyed answer with its window's reset, ran after the error handler."""
+    """A 503 server_busy keeps its own Retry-After (seconds): the limiter's window reset is
+    only ever sent with its own 429."""
     app = create_app(settings.replace(rate_limit="100/minute", decode_wait_seconds=0.2))
     budget = app.extensions["mnist_service"].limits.budget
     client = app.test_client()
@@ -175,4 +179,63 @@ def test_a_busy_servers_retry_after_survives_the_limiter_headers(settings: Setti
     assert_contract_error(busy, 503, "server_busy")
     assert busy.headers["Retry-After"] == budget.retry_after() == "1"
     assert busy.headers["X-RateLimit-Limit"] == "100"
-    assert predict(client, API_KEYS[0]).status_code == 200  # and the budget is free again
+    served = predict(client, API_KEYS[0])
+    assert served.status_code == 200  # and the budget is free again
+    assert "Retry-After" not in served.headers  # nothing to wait for on a served request
+
+
+def test_each_route_has_its_own_count_per_key(limited: FlaskClient) -> None:
+    assert [predict(limited, API_KEYS[0]).status_code for _ in range(4)][-1] == 429
+    models = limited.get("/models", headers={"x-api-key": API_KEYS[0]})
+    assert models.status_code == 200
+    assert models.headers["X-RateLimit-Remaining"] == "2"
+
+
+def test_the_tightest_of_several_windows_is_reported(settings: Settings) -> None:
+    client = create_app(settings.replace(rate_limit="2/second;5/minute")).test_client()
+    first = predict(client, API_KEYS[0])
+    assert (first.headers["X-RateLimit-Limit"], first.headers["X-RateLimit-Remaining"]) == (
+        "2",
+        "1",
+    )
+    assert "Retry-After" not in first.headers
+    assert predict(client, API_KEYS[0]).status_code == 200
+    refused = predict(client, API_KEYS[0])  # the third within a second
+    assert_contract_error(refused, 429, "rate_limited")
+    assert refused.headers["Retry-After"] == "1"
+
+
+def test_rate_limit_grammar() -> None:
+    assert parse_windows("120/minute") == (Window(120, 60),)
+    assert parse_windows("10 per second; 1000/2 hours") == (Window(10, 1), Window(1000, 7200))
+    for bad in ("lots", "0/minute", "5/fortnight", ""):
+        with pytest.raises(ValueError):
+            parse_windows(bad)
+
+
+def test_redis_counts_windows_in_one_script(redis_server: RedisServer) -> None:
+    client = redis.Redis.from_url(redis_server.url)
+    counter = RedisCounter(client)
+    windows = (Window(3, 60), Window(10, 3600))
+    first = counter.hit("key:abc:api.predict", windows)
+    assert [(c.count, c.remaining) for c in first] == [(1, 2), (1, 9)]
+    assert 59 <= first[0].reset_in <= 60 and 3599 <= first[1].reset_in <= 3600
+    # a counter that somehow lost its TTL gets its window back instead of never resetting
+    client.persist(f"{KEY_PREFIX}:key:abc:api.predict:3/60s")
+    again = counter.hit("key:abc:api.predict", windows)
+    assert again[0].count == 2 and again[0].reset_in == 60
+    assert client.ttl(f"{KEY_PREFIX}:key:abc:api.predict:3/60s") > 0
+
+
+def test_a_redis_outage_counts_in_memory_then_goes_back(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = redis.Redis.from_url(redis_server.url, socket_timeout=0.2)
+    limiter = RateLimiter((Window(5, 60),), RedisCounter(client))
+    assert limiter.hit("key:k")[0].count == 1
+    monkeypatch.setattr(rate_limits, "RETRY_SECONDS", 0.0)
+    limiter = RateLimiter((Window(5, 60),), RedisCounter(client))
+    redis_server.kill()
+    assert [limiter.hit("key:k")[0].count for _ in range(2)] == [1, 2]  # this process's
+    redis_server.start()
+    assert limiter.hit("key:k")[0].count == 1  # a new Redis, fresh counts, Redis again
