@@ -112,8 +112,6 @@ def _migrate_embedded_database() -> None:
 
 def child_exit(server: Any, worker: Any) -> None:
     """Drop a dead worker's live gauges (in-flight requests, model info) from /metrics."""
-    from prometheus_flask_exporter.multiprocess import (  # noqa: PLC0415 - after env is set
-        GunicornInternalPrometheusMetrics,
-    )
+    from prometheus_client import multiprocess  # noqa: PLC0415 - after the env is set
 
-    GunicornInternalPrometheusMetrics.mark_process_dead_on_child_exit(worker.pid)
+    multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
