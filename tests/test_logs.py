@@ -72,6 +72,28 @@ def test_request_line_has_every_field(
     assert {"time", "level", "message"} <= set(line)
 
 
+def test_request_line_has_the_shape_of_every_other_line(
+    settings: Settings, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The request line skips loguru (its cost per call) but not the JSON line's shape or
+    the level: same keys and time format as a loguru line, and none under LOG_LEVEL=WARNING."""
+    client = create_app(settings.replace(log_format="json", log_level="INFO")).test_client()
+    capfd.readouterr()
+    client.get("/healthz")
+    logging.getLogger("x").info("through loguru")
+    lines = json_lines(capfd.readouterr().out)
+    request_line = next(line for line in lines if line["message"] == "request")
+    loguru_line = next(line for line in lines if line["message"] == "through loguru")
+    assert list(request_line)[:4] == ["time", "level", "message", "pid"]
+    assert request_line["pid"] == loguru_line["pid"] and request_line["level"] == "INFO"
+    assert len(request_line["time"]) == len(loguru_line["time"])  # ISO 8601 with offset
+    assert request_line["time"][-6] in "+-" and "T" in request_line["time"]
+    quiet = create_app(settings.replace(log_format="json", log_level="WARNING")).test_client()
+    capfd.readouterr()
+    quiet.get("/healthz")
+    assert not [line for line in json_lines(capfd.readouterr().out) if line["message"] == "request"]
+
+
 def test_unexpected_error_logged_with_request_id_and_no_values(
     json_app: APIFlask,
     capfd: pytest.CaptureFixture[str],
