@@ -5,10 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 from apiflask import APIFlask
-from flask_cors import CORS
 from loguru import logger
 
-from mnist_api import error_handlers, extensions, metrics, rate_limits, request_context, schemas
+from mnist_api import (
+    cors,
+    error_handlers,
+    extensions,
+    metrics,
+    rate_limits,
+    request_context,
+    schemas,
+)
 from mnist_api.cache import CacheHooks, build_cache
 from mnist_api.config import PROJECT_ROOT, Settings
 from mnist_api.deployment_manager import DeploymentManager
@@ -82,25 +89,7 @@ def create_app(settings: Settings | None = None, *, load_model: bool = True) -> 
         settings.database_url, settings.database_timeout_seconds
     )
 
-    CORS(
-        app,
-        origins=list(settings.cors_origins),
-        allow_headers=[
-            "x-api-key",
-            "Content-Type",
-            "X-Request-ID",
-            "Inference-Header-Content-Length",
-        ],
-        expose_headers=[
-            "X-Request-ID",
-            "X-Cache",
-            "X-Model-Version",
-            "Retry-After",
-            "Location",
-            "Inference-Header-Content-Length",
-        ],
-        max_age=600,
-    )
+    cors.init_app(app, settings.cors_origins)
     request_context.init_app(app)
     error_handlers.init_app(app)
     # The keyed routes count against the same per-key limit.

@@ -12,6 +12,8 @@ from apiflask import APIFlask
 from flask.testing import FlaskClient
 from loguru import logger
 
+from mnist_api.app import create_app
+from mnist_api.config import Settings
 from mnist_api.extensions import SERVICE
 from mnist_api.model import DigitModel
 from tests.samples import as_paper, encode, sample
@@ -208,6 +210,36 @@ def test_cors_preflight_and_headers(client: FlaskClient, auth: dict[str, str]) -
         headers={**auth, "Content-Type": "image/png", "Origin": "https://digits.example"},
     )
     assert "X-Request-ID" in response.headers["Access-Control-Expose-Headers"]
+    assert "X-RateLimit-Remaining" in response.headers["Access-Control-Expose-Headers"]
+    # curl and services send no Origin: no CORS headers to compute or send
+    plain = client.post("/predict", data=png_of(2), headers={**auth, "Content-Type": "image/png"})
+    assert not [name for name, _ in plain.headers.items() if name.startswith("Access-Control")]
+
+
+def test_cors_with_a_list_of_origins(settings: Settings, auth: dict[str, str]) -> None:
+    listed = "https://digits.example"
+    client = create_app(settings.replace(cors_origins=(listed, "https://other.example")))
+    browser = client.test_client()
+    preflight = browser.options(
+        "/predict",
+        headers={"Origin": listed, "Access-Control-Request-Method": "POST"},
+    )
+    assert preflight.status_code == 200
+    assert preflight.headers["Access-Control-Allow-Origin"] == listed
+    assert "POST" in preflight.headers["Access-Control-Allow-Methods"]
+    assert preflight.headers["Access-Control-Max-Age"] == "600"
+    assert "Origin" in preflight.headers["Vary"]
+    answer = browser.post(
+        "/predict", data=png_of(2), headers={**auth, "Content-Type": "image/png", "Origin": listed}
+    )
+    assert answer.headers["Access-Control-Allow-Origin"] == listed
+    stranger = browser.post(
+        "/predict",
+        data=png_of(2),
+        headers={**auth, "Content-Type": "image/png", "Origin": "https://evil.example"},
+    )
+    assert stranger.status_code == 200  # served, but the browser keeps it from that page
+    assert "Access-Control-Allow-Origin" not in stranger.headers
 
 
 def test_request_log_line_has_no_key(
