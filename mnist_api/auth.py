@@ -33,14 +33,27 @@ def key_matches(candidate: str, keys: tuple[str, ...]) -> bool:
     return found
 
 
+def valid_key_fingerprint(token: str) -> str | None:
+    """The fingerprint of `token` if it is one of the service's keys, else None.
+
+    Checked once per request: the rate limiter (which counts per key) and the route's
+    authentication both ask, and each check hashes the key and compares it with every key.
+    """
+    checked: tuple[str, str | None] | None = g.get("_checked_key")
+    if checked is not None and checked[0] == token:
+        return checked[1]
+    keys: tuple[str, ...] = current_app.extensions["mnist_settings"].api_keys
+    fingerprint = key_fingerprint(token) if token and key_matches(token, keys) else None
+    g._checked_key = (token, fingerprint)
+    return fingerprint
+
+
 @api_key_auth.verify_token
 def _verify(token: str) -> str | None:
-    keys: tuple[str, ...] = current_app.extensions["mnist_settings"].api_keys
-    if token and key_matches(token, keys):
-        fingerprint = key_fingerprint(token)
+    fingerprint = valid_key_fingerprint(token)
+    if fingerprint is not None:
         g.api_key_fingerprint = fingerprint
-        return fingerprint
-    return None
+    return fingerprint
 
 
 @api_key_auth.error_handler

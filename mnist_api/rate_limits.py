@@ -29,11 +29,10 @@ from loguru import logger
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from mnist_api import redis_clients
-from mnist_api.auth import API_KEY_HEADER, key_fingerprint, key_matches
+from mnist_api.auth import API_KEY_HEADER, valid_key_fingerprint
 from mnist_api.breaker import Breaker
 from mnist_api.config import Settings
 from mnist_api.errors import RateLimited
-from mnist_api.extensions import get_settings
 from mnist_api.rate_windows import Window, parse_windows
 
 KEY_PREFIX = "mnist-rl"
@@ -156,9 +155,9 @@ def _outage_ended(seconds_down: float) -> None:
 
 def rate_limit_key() -> str:
     """The identity a request is counted against: its valid key, else its client IP."""
-    key = request.headers.get(API_KEY_HEADER, "")
-    if key and key_matches(key, get_settings().api_keys):
-        return f"key:{key_fingerprint(key)}"
+    fingerprint = valid_key_fingerprint(request.headers.get(API_KEY_HEADER, ""))
+    if fingerprint is not None:
+        return f"key:{fingerprint}"
     return f"ip:{request.remote_addr or 'unknown'}"
 
 

@@ -30,6 +30,22 @@ def documents_upload(schema: type[Schema]) -> Callable[[View], View]:
     return annotate
 
 
+def documents_query(schema: type[Schema]) -> Callable[[View], View]:
+    """Document query parameters in /openapi.json without parsing them per request.
+
+    `@bp.input(..., location="query")` runs webargs on every call (5% of a cached answer's
+    time) only to hand the view a dict it does not need: the views read the one optional
+    parameter from `request.args` themselves.
+    """
+
+    def annotate(view: View) -> View:
+        spec = view.__dict__.setdefault("_spec", {})
+        spec.setdefault("args", []).append((schema(), "query"))
+        return view
+
+    return annotate
+
+
 class Upload(Schema):
     """One image as multipart field `file` (a raw image body is documented beside it)."""
 

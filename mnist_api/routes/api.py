@@ -18,7 +18,7 @@ from mnist_api.extensions import (
     get_service,
     get_settings,
 )
-from mnist_api.schemas import documents_upload
+from mnist_api.schemas import documents_query, documents_upload
 
 bp = APIBlueprint("api", __name__, tag="Predictions")
 
@@ -37,7 +37,6 @@ def _client() -> str:
 
 @bp.post("/predict")
 @bp.auth_required(api_key_auth)
-@bp.input(schemas.VersionQuery, location="query", arg_name="query")
 @bp.output(schemas.Prediction, headers=schemas.CacheHeaders)
 @bp.doc(
     summary="Predict the digit in one image",
@@ -49,7 +48,8 @@ def _client() -> str:
     responses=UPLOAD_ERRORS,
 )
 @documents_upload(schemas.Upload)
-def predict(query: dict[str, Any]) -> Response:
+@documents_query(schemas.VersionQuery)
+def predict() -> Response:
     """Predict one upload."""
     data = uploads.read_single(request)
     result = get_service().predict(data, client=_client(), version=_pinned_version())
@@ -64,7 +64,6 @@ def predict(query: dict[str, Any]) -> Response:
 
 @bp.post("/predict/batch")
 @bp.auth_required(api_key_auth)
-@bp.input(schemas.VersionQuery, location="query", arg_name="query")
 @bp.output(schemas.BatchResult)
 @bp.doc(
     summary="Predict the digits of several images at once",
@@ -75,7 +74,8 @@ def predict(query: dict[str, Any]) -> Response:
     responses=[400, 401, 404, 413, 415, 429, 503],
 )
 @documents_upload(schemas.BatchUpload)
-def predict_batch(query: dict[str, Any]) -> dict[str, Any]:
+@documents_query(schemas.VersionQuery)
+def predict_batch() -> dict[str, Any]:
     """Predict a batch of uploads with one model call."""
     settings = get_settings()
     service = get_service()
@@ -91,7 +91,6 @@ def predict_batch(query: dict[str, Any]) -> dict[str, Any]:
 
 @bp.post("/predict_async")
 @bp.auth_required(api_key_auth)
-@bp.input(schemas.VersionQuery, location="query", arg_name="query")
 @bp.output(
     schemas.TaskAccepted,
     status_code=202,
@@ -114,7 +113,8 @@ def predict_batch(query: dict[str, Any]) -> dict[str, Any]:
     responses=UPLOAD_ERRORS,
 )
 @documents_upload(schemas.Upload)
-def predict_async(query: dict[str, Any]) -> tuple[dict[str, Any], int, dict[str, str]]:
+@documents_query(schemas.VersionQuery)
+def predict_async() -> tuple[dict[str, Any], int, dict[str, str]]:
     """Accept an upload for an async prediction."""
     data = uploads.read_single(request)
     task_id = get_jobs().submit(data, g.request_id, client=_client(), version=_pinned_version())
@@ -137,13 +137,13 @@ def task_status(task_id: str) -> dict[str, Any]:
 
 @bp.get("/model")
 @bp.auth_required(api_key_auth)
-@bp.input(schemas.VersionQuery, location="query", arg_name="query")
 @bp.output(schemas.ModelInfo)
 @bp.doc(
     summary="Describe the stable model (or the version `model_version` names)",
     responses=[401, 404, 503],
 )
-def model_info(query: dict[str, Any]) -> dict[str, Any]:
+@documents_query(schemas.VersionQuery)
+def model_info() -> dict[str, Any]:
     """The loaded model's own facts, with accuracy and date from its model card."""
     service = get_service()
     model = service.registry.get(_pinned_version() or service.router.stable)
