@@ -50,13 +50,35 @@ def cache_key(model_version: str, sha256: str, preprocessing: str = "") -> str:
     return f"pred:{version}:{sha256}"
 
 
+class RidesAlong(Protocol):
+    """Other Redis work of the same request, sent in the lookup's round trip (the request's
+    rate-limit count: see rate_limits.PendingCount)."""
+
+    def queue(self, pipe: redis.client.Pipeline) -> None:
+        """Add its command to the lookup's pipeline."""
+
+    def receive(self, reply: Any) -> None:
+        """Its command's reply (an exception object if that command failed)."""
+
+    def failed(self, error: redis.RedisError) -> None:
+        """The round trip failed as a whole."""
+
+    def run_alone(self) -> None:
+        """Do it without the cache (no Redis here, or the cache is leaving Redis alone)."""
+
+    def settle(self) -> None:
+        """After the lookup (the service calls it): may raise a `ServiceError`, e.g. the
+        request's 429 when it is over its rate limit."""
+
+
 class PredictionCache(Protocol):
     """What the service needs from a cache backend."""
 
     backend: str
 
-    def get_many(self, keys: Sequence[str]) -> list[Value | None]:
-        """Values for `keys` in order (None = miss), in one round trip."""
+    def get_many(self, keys: Sequence[str], along: RidesAlong | None = None) -> list[Value | None]:
+        """Values for `keys` in order (None = miss), in one round trip (with `along`'s work,
+        which has had its reply, failure or solo run by the time this returns)."""
 
     def set_many(self, items: dict[str, Value]) -> None:
         """Store several values with the TTL, in one round trip."""
@@ -131,8 +153,10 @@ class MemoryCache(LruTtlDict[Value]):
         super().__init__(max_items, ttl_seconds, clock)
         self._hooks = hooks or CacheHooks()
 
-    def get_many(self, keys: Sequence[str]) -> list[Value | None]:
-        """Values for `keys`, counted as hits and misses."""
+    def get_many(self, keys: Sequence[str], along: RidesAlong | None = None) -> list[Value | None]:
+        """Values for `keys`, counted as hits and misses (`along` runs on its own)."""
+        if along is not None:
+            along.run_alone()
         found = super().get_many(keys)
         _report(self._hooks, found)
         return found
@@ -187,17 +211,31 @@ class RedisCache:
         client = redis_clients.client(url, redis_clients.cache_role(socket_timeout))
         return cls(client, ttl_seconds, retry_seconds, hooks)
 
-    def get_many(self, keys: Sequence[str]) -> list[Value | None]:
-        """MGET all keys at once; a Redis failure reads as all misses."""
-        if not keys:
-            return []
-        if not self._breaker.available():
+    def get_many(self, keys: Sequence[str], along: RidesAlong | None = None) -> list[Value | None]:
+        """MGET all keys at once (with `along`'s command in the same round trip); a Redis
+        failure reads as all misses."""
+        if not keys or not self._breaker.available():
+            if along is not None:
+                along.run_alone()
             self._hooks.lookups("error", len(keys))
             return [None] * len(keys)
+        received = False
         try:
-            raw = self.client.mget(list(keys))
+            if along is None:
+                raw = self.client.mget(list(keys))
+            else:
+                pipe = self.client.pipeline(transaction=False)
+                along.queue(pipe)
+                pipe.mget(list(keys))
+                reply, raw = pipe.execute(raise_on_error=False)
+                along.receive(reply)
+                received = True
+                if isinstance(raw, redis.RedisError):
+                    raise raw
         except redis.RedisError as error:
             self._breaker.failed(error)
+            if along is not None and not received:
+                along.failed(error)
             self._hooks.lookups("error", len(keys))
             return [None] * len(keys)
         self._breaker.succeeded()

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 import redis
 from apiflask import APIBlueprint
@@ -36,6 +36,8 @@ from mnist_api.errors import RateLimited
 from mnist_api.rate_windows import Window, parse_windows
 
 KEY_PREFIX = "mnist-rl"
+_WITH_LOOKUP = "_rate_limit_with_lookup"
+View = TypeVar("View", bound=Callable[..., Any])
 # Seconds a failed Redis is left alone before the limiter tries it again.
 RETRY_SECONDS = 1.0
 
@@ -113,7 +115,17 @@ class RedisCounter:
     def hit(self, key: str, windows: Sequence[Window]) -> list[Count]:
         """INCR (and EXPIRE on the first) every window's counter in one round trip."""
         keys = [f"{KEY_PREFIX}:{key}:{window.name}" for window in windows]
-        raw = self._script(keys=keys, args=[window.seconds for window in windows])
+        return self.parse(self._script(keys=keys, args=[w.seconds for w in windows]), windows)
+
+    def queue(self, pipe: redis.client.Pipeline, key: str, windows: Sequence[Window]) -> None:
+        """Put the same script call into someone else's pipeline (by its SHA: a pipeline's
+        own script loading would cost a SCRIPT EXISTS round trip on every execute)."""
+        keys = [f"{KEY_PREFIX}:{key}:{window.name}" for window in windows]
+        pipe.evalsha(self._script.sha, len(keys), *keys, *[w.seconds for w in windows])
+
+    @staticmethod
+    def parse(raw: Sequence[Any], windows: Sequence[Window]) -> list[Count]:
+        """The script's reply as counts."""
         return [
             Count(window, int(raw[2 * i]), float(raw[2 * i + 1]))
             for i, window in enumerate(windows)
@@ -140,6 +152,88 @@ class RateLimiter:
                 self._breaker.succeeded()
                 return counts
         return self._memory.hit(key, self.windows)
+
+    def defer(self, key: str) -> PendingCount | None:
+        """A count of `key` to be made in the round trip of the request's cache lookup, or
+        None when there is no Redis to share (or it is failing): then `hit` now."""
+        if not isinstance(self._counter, RedisCounter) or not self._breaker.available():
+            return None
+        return PendingCount(self, self._counter, key)
+
+    def redis_failed(self, key: str, error: redis.RedisError) -> list[Count]:
+        """Redis failed under a deferred count: note it and count in memory."""
+        self._breaker.failed(error)
+        return self._memory.hit(key, self.windows)
+
+    def redis_answered(self) -> None:
+        """A deferred count came back from Redis."""
+        self._breaker.succeeded()
+
+
+class PendingCount:
+    """One request's count, sent in the same Redis round trip as its cache lookup.
+
+    A cached answer would otherwise make two round trips (the count, then the lookup); the
+    cache queues this into its pipeline (`queue`, then `receive` or `failed`), or asks for
+    it alone (`run_alone`) when it has no Redis to go to. `settle` then refuses the
+    request if it is over a limit, before any work is done for it.
+    """
+
+    def __init__(self, limiter: RateLimiter, counter: RedisCounter, key: str) -> None:
+        self._limiter = limiter
+        self._counter = counter
+        self._key = key
+        self.counts: list[Count] | None = None
+
+    def queue(self, pipe: redis.client.Pipeline) -> None:
+        """Add the count to the cache's pipeline."""
+        self._counter.queue(pipe, self._key, self._limiter.windows)
+
+    def receive(self, reply: Any) -> None:
+        """The script's reply from the pipeline (an exception object if it failed there)."""
+        if isinstance(reply, redis.RedisError):
+            # NOSCRIPT after a Redis restart or flush: the script call on its own loads it.
+            self.run_alone()
+            return
+        self._limiter.redis_answered()
+        self.counts = self._counter.parse(reply, self._limiter.windows)
+
+    def failed(self, error: redis.RedisError) -> None:
+        """The pipeline failed as a whole (Redis down, slow): count in memory."""
+        self.counts = self._limiter.redis_failed(self._key, error)
+
+    def run_alone(self) -> None:
+        """Count now, in a round trip of its own (or in memory)."""
+        self.counts = self._limiter.hit(self._key)
+
+    def settle(self) -> None:
+        """Counted (alone, if nobody took it along); raise `RateLimited` if over a limit."""
+        if self.counts is None:
+            self.run_alone()
+        assert self.counts is not None
+        refuse_if_over(self.counts)
+
+
+def refuse_if_over(counts: Sequence[Count]) -> None:
+    """Raise `RateLimited` (429, with Retry-After) if any window is over its amount."""
+    over = [item for item in counts if item.count > item.window.amount]
+    if over:
+        wait = max(item.reset_in for item in over)
+        retry = {"Retry-After": str(max(1, round(wait)))}
+        raise RateLimited(headers={**headers_for(counts), **retry})
+
+
+def counted_with_lookup(view: View) -> View:
+    """Mark a view whose request count can ride along with its cache lookup: the view passes
+    `pending()` to the service, which hands it to the cache."""
+    setattr(view, _WITH_LOOKUP, True)
+    return view
+
+
+def pending() -> PendingCount | None:
+    """This request's deferred count, if its view was marked `counted_with_lookup`."""
+    found: PendingCount | None = g.get("rate_limit_pending")
+    return found
 
 
 def _outage_started(error: Exception) -> None:
@@ -200,18 +294,26 @@ def init_app(
         # A CORS preflight is the browser asking, not a use of the API.
         if request.blueprint not in names or request.method == "OPTIONS":
             return
-        counts = limiter.hit(f"{rate_limit_key()}:{request.endpoint}")
-        g.rate_limit_headers = headers = headers_for(counts)
-        over = [item for item in counts if item.count > item.window.amount]
-        if over:
-            wait = max(item.reset_in for item in over)
-            raise RateLimited(headers={**headers, "Retry-After": str(max(1, round(wait)))})
+        key = f"{rate_limit_key()}:{request.endpoint}"
+        view = app.view_functions.get(request.endpoint or "")
+        # Deferred only with a valid key: a request without one is counted (and refused)
+        # before authentication turns it away, so made-up keys meet their 429 early.
+        if getattr(view, _WITH_LOOKUP, False) and key.startswith("key:"):
+            g.rate_limit_pending = limiter.defer(key)
+            if g.rate_limit_pending is not None:
+                return
+        counts = limiter.hit(key)
+        g.rate_limit_counts = counts
+        refuse_if_over(counts)
 
     @app.after_request
     def _headers(response: Response) -> Response:
-        headers = g.get("rate_limit_headers")
-        if headers:
-            response.headers.update(headers)
+        deferred = pending()
+        if deferred is not None and deferred.counts is None:
+            deferred.run_alone()  # the request ended before its lookup: it still counts
+        counts = deferred.counts if deferred is not None else g.get("rate_limit_counts")
+        if counts:
+            response.headers.update(headers_for(counts))
         return response
 
     return limiter

@@ -22,7 +22,7 @@ from PIL import Image
 
 from mnist_api import metrics
 from mnist_api import preprocessing as preprocessing_module
-from mnist_api.cache import PredictionCache, cache_key
+from mnist_api.cache import PredictionCache, RidesAlong, cache_key
 from mnist_api.config import MIB, Settings
 from mnist_api.decode_budget import DecodeBudget
 from mnist_api.errors import NotReady, ServiceError
@@ -194,9 +194,16 @@ class PredictionService:
         model = model or self.model
         return cache_key(model.full_version, hashlib.sha256(data).hexdigest(), self.preprocessing)
 
-    def predict(self, data: bytes, *, client: str = "", version: str | None = None) -> Prediction:
+    def predict(
+        self,
+        data: bytes,
+        *,
+        client: str = "",
+        version: str | None = None,
+        along: RidesAlong | None = None,
+    ) -> Prediction:
         """Predict one upload; raises a `ServiceError` subclass for a bad upload."""
-        result = self.predict_many([data], client=client, version=version)[0]
+        result = self.predict_many([data], client=client, version=version, along=along)[0]
         if isinstance(result, ServiceError):
             raise result
         return result
@@ -208,22 +215,27 @@ class PredictionService:
         client: str = "",
         version: str | None = None,
         route: Route | None = None,
+        along: RidesAlong | None = None,
     ) -> list[Prediction | ServiceError]:
         """Predict a batch: one cache round trip, one interpreter call for all the misses.
 
         The whole batch goes to one version: `version` when pinned, else `route` when the
         caller already chose it (so a shadow still scores the batch), else the deployment's
         choice for `client`. A bad upload yields its error in its place; identical uploads
-        are computed once.
+        are computed once. `along` (the request's rate-limit count) shares the cache's round
+        trip and is settled right after it: over the limit, `RateLimited` is raised before
+        anything is decoded.
         """
         self._require_ready()
         if route is None or version:
             route = self.route_for(client, version)
         model = self.registry.get(route.answer)
         keys = [self.key_for(data, model) for data in uploads]
+        hits = self.cache.get_many(keys, along)
+        if along is not None:
+            along.settle()
         results: list[Prediction | ServiceError | None] = [
-            {**hit, "cached": True} if hit is not None else None
-            for hit in self.cache.get_many(keys)
+            {**hit, "cached": True} if hit is not None else None for hit in hits
         ]
         pending: dict[str, list[int]] = {}  # key -> the slots waiting for its answer
         images: list[np.ndarray] = []

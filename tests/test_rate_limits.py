@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -239,3 +240,79 @@ def test_a_redis_outage_counts_in_memory_then_goes_back(
     assert [limiter.hit("key:k")[0].count for _ in range(2)] == [1, 2]  # this process's
     redis_server.start()
     assert limiter.hit("key:k")[0].count == 1  # a new Redis, fresh counts, Redis again
+
+
+@pytest.fixture
+def limited_on_redis(settings: Settings, redis_server: RedisServer) -> FlaskClient:
+    return create_app(
+        settings.replace(rate_limit="3/minute", redis_url=redis_server.url)
+    ).test_client()
+
+
+def test_predict_counts_in_the_cache_lookups_round_trip(
+    limited_on_redis: FlaskClient, redis_server: RedisServer
+) -> None:
+    """A keyed /predict sends its count in the cache lookup's pipeline: the limiter's own
+    connection is never opened, and the limit and its headers are what they always were.
+    (With the script already in Redis: on a fresh Redis the first count loads it alone.)"""
+    redis.Redis.from_url(redis_server.url).script_load(rate_limits._HIT_SCRIPT)
+    answers = [predict(limited_on_redis, API_KEYS[0]) for _ in range(3)]
+    assert [a.status_code for a in answers] == [200, 200, 200]
+    assert [a.headers["X-RateLimit-Remaining"] for a in answers] == ["2", "1", "0"]
+    assert [a.headers["X-Cache"] for a in answers] == ["MISS", "HIT", "HIT"]
+    refused = predict(limited_on_redis, API_KEYS[0])
+    assert_contract_error(refused, 429, "rate_limited")
+    assert 0 < int(refused.headers["Retry-After"]) <= 60
+    clients = redis.Redis.from_url(redis_server.url).client_list()
+    names = {client["name"] for client in clients}
+    assert "mnist-cache" in names and "mnist-limits" not in names
+
+
+def test_over_the_limit_is_refused_before_the_upload_is_decoded(
+    limited_on_redis: FlaskClient,
+) -> None:
+    for _ in range(3):
+        predict(limited_on_redis, API_KEYS[0])
+    broken = limited_on_redis.post(
+        "/predict",
+        data=b"\x89PNG\r\n\x1a\n not really",
+        headers={"x-api-key": API_KEYS[0], "Content-Type": "image/png"},
+    )
+    assert_contract_error(broken, 429, "rate_limited")
+
+
+def test_a_request_that_ends_before_its_lookup_still_counts(
+    limited_on_redis: FlaskClient,
+) -> None:
+    empty = limited_on_redis.post(
+        "/predict", headers={"x-api-key": API_KEYS[0], "Content-Type": "image/png"}
+    )
+    assert_contract_error(empty, 400, "missing_file")
+    assert empty.headers["X-RateLimit-Remaining"] == "2"
+    assert [predict(limited_on_redis, API_KEYS[0]).status_code for _ in range(3)] == [
+        200,
+        200,
+        429,
+    ]
+
+
+def test_a_flushed_script_is_loaded_again(
+    limited_on_redis: FlaskClient, redis_server: RedisServer
+) -> None:
+    assert predict(limited_on_redis, API_KEYS[0]).headers["X-RateLimit-Remaining"] == "2"
+    redis.Redis.from_url(redis_server.url).script_flush()  # as after a Redis restart
+    again = predict(limited_on_redis, API_KEYS[0])
+    assert again.status_code == 200 and again.headers["X-RateLimit-Remaining"] == "1"
+    assert predict(limited_on_redis, API_KEYS[0]).headers["X-RateLimit-Remaining"] == "0"
+
+
+def test_a_batch_counts_once_in_its_lookup(limited_on_redis: FlaskClient) -> None:
+    files = [(io.BytesIO(PNG), "a.png"), (io.BytesIO(PNG), "b.png")]
+    batch = limited_on_redis.post(
+        "/predict/batch",
+        data={"files": files},
+        headers={"x-api-key": API_KEYS[0]},
+        content_type="multipart/form-data",
+    )
+    assert batch.status_code == 200
+    assert batch.headers["X-RateLimit-Remaining"] == "2"

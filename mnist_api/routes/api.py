@@ -8,7 +8,7 @@ from typing import Any
 from apiflask import APIBlueprint
 from flask import Response, g, request, url_for
 
-from mnist_api import schemas, uploads
+from mnist_api import rate_limits, schemas, uploads
 from mnist_api.auth import api_key_auth
 from mnist_api.errors import NotReady
 from mnist_api.extensions import (
@@ -49,10 +49,13 @@ def _client() -> str:
 )
 @documents_upload(schemas.Upload)
 @documents_query(schemas.VersionQuery)
+@rate_limits.counted_with_lookup
 def predict() -> Response:
     """Predict one upload."""
     data = uploads.read_single(request)
-    result = get_service().predict(data, client=_client(), version=_pinned_version())
+    result = get_service().predict(
+        data, client=_client(), version=_pinned_version(), along=rate_limits.pending()
+    )
     g.digit = result["prediccion"]
     g.model_version = result["model_version"]
     # The answer is already exactly the documented shape: serialise it directly (this is
@@ -75,6 +78,7 @@ def predict() -> Response:
 )
 @documents_upload(schemas.BatchUpload)
 @documents_query(schemas.VersionQuery)
+@rate_limits.counted_with_lookup
 def predict_batch() -> dict[str, Any]:
     """Predict a batch of uploads with one model call."""
     settings = get_settings()
@@ -82,7 +86,9 @@ def predict_batch() -> dict[str, Any]:
     # Decided once for the batch, so its answers and its `model_version` agree.
     route = service.route_for(_client(), _pinned_version())
     results = service.predict_many(
-        uploads.read_batch(request, settings.batch_max_files), route=route
+        uploads.read_batch(request, settings.batch_max_files),
+        route=route,
+        along=rate_limits.pending(),
     )
     predictions = [item if isinstance(item, dict) else item.to_dict() for item in results]
     g.model_version = service.registry.get(route.answer).full_version
