@@ -19,23 +19,26 @@ configure_logging(_settings.log_level, _settings.log_format)
 bind = f"0.0.0.0:{_settings.port}"
 workers = _settings.web_concurrency
 # Threads let a worker overlap slow uploads; each thread gets its own LiteRT interpreter.
-worker_class = "gthread"
+# gthread, with keep-alive only while nobody waits (mnist_api/gunicorn_worker.py).
+worker_class = "mnist_api.gunicorn_worker.KeepAliveWhenIdleWorker"
 threads = _settings.threads
-# One fair queue in front of all workers: the kernel's accept queue. A gthread worker accepts
-# connections even with every thread busy and keeps them alive, so a client's (or a proxy's)
-# persistent connections could all stick to one worker while the others idle: measured here,
-# wrk's 8 or 32 connections often all landed on one of two workers, halving throughput. So a
-# worker takes only as many connections as it has threads and answers "Connection: close";
-# the next connection goes to whichever worker is free. Measured alternatives: a cap a little
-# above the threads kept keep-alive but starved queued connections (p99 2 s at 32 clients);
-# SO_REUSEPORT balances too, but every worker recycle resets the connections queued on that
-# worker's own socket. The price is a TCP accept per request (~0.3 ms of worker CPU).
+# One fair queue in front of all workers: the kernel's accept queue. A plain gthread worker
+# accepts connections even with every thread busy and keeps them alive, so a client's (or a
+# proxy's) persistent connections could all stick to one worker while the others idle:
+# measured here, wrk's 8 or 32 connections often all landed on one of two workers, halving
+# throughput. So a worker takes only as many connections as it has threads, and keeps one
+# alive after an answer only while no other client waits in the queue (then it answers
+# "Connection: close" and the next connection goes to whichever worker is free). Keep-alive
+# saves a TCP accept per request (~0.25 ms of worker CPU on a cached answer). Measured
+# alternatives: a cap a little above the threads starved queued connections (p99 2 s at 32
+# clients); SO_REUSEPORT balances too, but every worker recycle resets the connections
+# queued on that worker's own socket.
 worker_connections = threads
 # A worker whose heartbeat stops this long (stuck booting, or its main loop blocked) is killed
 # and replaced. gthread workers beat while request threads run: no limit on one request.
 timeout = _settings.timeout
 graceful_timeout = 20
-keepalive = 0  # see worker_connections above
+keepalive = 2  # seconds an idle connection is kept (closed at once if someone waits)
 # Recycle workers now and then so slow leaks cannot grow without bound; jitter staggers them.
 max_requests = _settings.max_requests  # 0 turns recycling off (the soak test does)
 max_requests_jitter = _settings.max_requests // 10

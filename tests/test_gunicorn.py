@@ -73,7 +73,8 @@ def test_a_busy_worker_leaves_connections_to_the_others(tmp_path: Path) -> None:
     # client's connections opened at once (wrk, a proxy's pool) could all stick to one worker.
     # Freeze one worker and open ten connections: the awake one takes only its four threads'
     # worth, the frozen one gets the next four when it wakes, and the last two go to whichever
-    # frees a slot first (the awake one, which closes each connection after its answer).
+    # frees a slot first (the awake one, which closes a connection after its answer while
+    # others are waiting, and keeps the rest alive once nobody waits).
     server = start_web(tmp_path, WEB_CONCURRENCY="2", GUNICORN_THREADS="4")
     try:
         awake, frozen = sorted(server.worker_pids_when(2))
@@ -91,12 +92,13 @@ def test_a_busy_worker_leaves_connections_to_the_others(tmp_path: Path) -> None:
             connection = http.client.HTTPConnection(address.hostname, address.port, timeout=10)
             connection.sock = sock
             connections.append(connection)
+        kept: list[str] = []
         try:
             for connection, request_id in zip(connections, ids, strict=True):
                 connection.request("GET", "/healthz", headers={"X-Request-ID": request_id})
                 response = connection.getresponse()
                 assert response.status == 200
-                assert response.headers["Connection"] == "close"
+                kept.append(response.headers["Connection"])
         finally:
             for connection in connections:
                 connection.close()
@@ -105,6 +107,49 @@ def test_a_busy_worker_leaves_connections_to_the_others(tmp_path: Path) -> None:
     finally:
         stop(server.process)
     assert answered_by == {awake: 6, frozen: 4}
+    assert kept[:2] == ["close", "close"]  # two clients were waiting behind them
+    assert kept[-1] == "keep-alive"  # nobody waits any more
+
+
+def test_keep_alive_serves_a_client_on_one_connection(live_server: LiveServer) -> None:
+    address = urlsplit(live_server.url)
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=10)
+    try:
+        for _ in range(5):
+            connection.request("GET", "/healthz")
+            response = connection.getresponse()
+            response.read()
+            assert response.status == 200 and response.headers["Connection"] == "keep-alive"
+        local_port = connection.sock.getsockname()[1]  # still the first connection
+        connection.request("GET", "/healthz")
+        connection.getresponse().read()
+        assert connection.sock.getsockname()[1] == local_port
+    finally:
+        connection.close()
+
+
+def test_idle_connections_never_keep_a_new_client_waiting(tmp_path: Path) -> None:
+    """Every slot of both workers held by an idle kept-alive connection: a new client is
+    still answered at once (the idle ones are closed), not after the keep-alive timeout."""
+    server = start_web(tmp_path, WEB_CONCURRENCY="2", GUNICORN_THREADS="2")
+    address = urlsplit(server.url)
+    idle = []
+    try:
+        server.worker_pids_when(2)
+        for _ in range(8):  # more than the 4 slots: the last ones wait, then get in
+            connection = http.client.HTTPConnection(address.hostname, address.port, timeout=10)
+            connection.request("GET", "/healthz")
+            connection.getresponse().read()
+            idle.append(connection)
+        started = time.monotonic()
+        newcomer = requests.get(f"{server.url}/healthz", timeout=10)
+        waited = time.monotonic() - started
+        assert newcomer.status_code == 200
+        assert waited < 1.0, waited  # the keep-alive timeout is 2 s
+    finally:
+        for connection in idle:
+            connection.close()
+        stop(server.process)
 
 
 def connect_at_once(address: SplitResult, count: int) -> list[socket.socket]:
