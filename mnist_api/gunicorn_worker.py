@@ -12,13 +12,15 @@ shared listen queue:
   `Connection: close` (under overload every worker closes after each answer, and the
   kernel's queue hands the next connection to whichever worker is free: the fair queue
   the service had with keep-alive off);
-- idle kept-alive connections are closed as soon as a new client waits and this worker has
-  no free slot, so an idle browser cannot keep anyone waiting for the keep-alive timeout.
+- idle kept-alive connections that have rested a moment (0.1 s) are closed as soon as a new
+  client waits and this worker has no free slot, so an idle browser cannot keep anyone
+  waiting for the keep-alive timeout.
 """
 
 from __future__ import annotations
 
 import select
+import time
 from typing import Any
 
 from gunicorn.workers.gthread import ThreadWorker
@@ -26,6 +28,8 @@ from gunicorn.workers.gthread import ThreadWorker
 # How often a full worker with idle connections looks at the listen queue: a full worker
 # stops watching the listener, so nothing else would wake it when a client arrives.
 IDLE_CHECK_SECONDS = 0.05
+# An idle connection is closed for a waiting client only after resting this long.
+IDLE_GRACE_SECONDS = 0.1
 
 
 class KeepAliveWhenIdleWorker(ThreadWorker):
@@ -49,15 +53,22 @@ class KeepAliveWhenIdleWorker(ThreadWorker):
         return super().handle_request(req, conn)
 
     def murder_keepalived(self, force: bool = False) -> None:
-        """Close expired idle connections, and every idle one while a full worker keeps a
-        new client waiting."""
+        """Close expired idle connections, and, while a full worker keeps a new client
+        waiting, those idle for longer than IDLE_GRACE_SECONDS."""
         if (
             not force
             and self.keepalived_conns
             and self.nr_conns >= self.worker_connections
             and self.others_waiting()
         ):
-            force = True
+            # A busy client's connection is idle for a moment between its answer and its
+            # next request: closing it then would drop the request it is sending. Idle for
+            # longer, it is a client at rest (a browser). The oldest idle come first.
+            rested = time.monotonic() + self.cfg.keepalive - IDLE_GRACE_SECONDS
+            for conn in self.keepalived_conns:
+                if conn.timeout > rested:
+                    break
+                conn.timeout = 0.0  # expired: gunicorn closes it below
         super().murder_keepalived(force)
 
     def wait_for_and_dispatch_events(self, timeout: float) -> None:

@@ -55,6 +55,7 @@ MAX_ATTEMPTS = 4
 MAX_STEAL = 0.03  # more of the machine's CPU taken by the hypervisor than this: run again
 PAIRED_ROUNDS = 3  # back-to-back /healthz and /predict runs for the ratio goals
 BENCH_ADMIN_KEY = "bench-admin-key"  # switches the deployment between rounds
+BENCH_RATE_LIMIT = "100000000/minute"  # counted like any limit, never reached
 MIN_WORKER_SHARE = 0.2  # a worker doing less of the work than this: connections were lopsided
 
 
@@ -118,6 +119,8 @@ class Report:
     # Deployments (issue 12): a 28x28 miss's worker CPU/request under shadow minus under
     # single, per back-to-back round (empty with fewer than two installed versions).
     shadow_extra_ms: list[float] = field(default_factory=list)
+    # Worker CPU ms per request in each floor round, by what ran (see `breakdown`).
+    floor_cpu: dict[str, list[float]] = field(default_factory=dict)
 
 
 def digit_png(size: int) -> bytes:
@@ -354,12 +357,13 @@ def run_benchmark(seconds: float, tmp: Path, max_attempts: int = MAX_ATTEMPTS) -
     redis = RedisServer(free_port(), tmp)
     redis.start()
     started = time.monotonic()
-    # As deployed (INFO logs: one JSON line per request), but no rate limit and no recycling.
+    # As deployed (INFO logs: one JSON line per request, per-key limits counted in Redis),
+    # with a limit wrk cannot reach and no recycling.
     server = start_web(
         tmp,
         REDIS_URL=redis.url,
         WEB_CONCURRENCY="2",
-        RATE_LIMIT="off",
+        RATE_LIMIT=BENCH_RATE_LIMIT,
         GUNICORN_MAX_REQUESTS="0",
         ADMIN_API_KEYS=BENCH_ADMIN_KEY,
     )
@@ -429,6 +433,7 @@ def measure_floor(
     floor_pids = floor.children()
     miss280 = next(s for s in scenarios if s.name == "predict 280x280 miss")
     hit28 = next(s for s in scenarios if s.name == "predict 28x28 hit")
+    health = next(s for s in scenarios if s.name.startswith("healthz"))
     floor_predict = Scenario(
         "floor: 280x280 bare Flask + LiteRT", "POST", "/predict", "nonce", "image/png", miss280.body
     )
@@ -449,6 +454,15 @@ def measure_floor(
             floor.url, floor_health, 8, seconds / 2, body_files[floor_health.name], floor_pids, 1
         )
         hit = measure(url, hit28, 8, seconds / 2, body_files[hit28.name], pids, 1)
+        healthz = measure(url, health, 8, seconds / 2, body_files[health.name], pids, 1)
+        for name, run in (
+            ("bare", bare),
+            ("healthz", healthz),
+            ("hit", hit),
+            ("miss280", ours),
+            ("floor280", at_floor),
+        ):
+            report.floor_cpu.setdefault(name, []).append(run.cpu_ms_per_request)
         report.floor_ratios.append(ours.rps / at_floor.rps)
         report.hit_cpu_ratios.append(hit.cpu_ms_per_request / bare.cpu_ms_per_request)
         print(
@@ -644,6 +658,36 @@ def targets(report: Report) -> list[tuple[str, str, bool]]:
     ]
 
 
+def breakdown(report: Report) -> list[tuple[str, float]]:
+    """Where a request's worker CPU goes at c=8, layer by layer, from the floor rounds'
+    medians: each row is the difference between two scenarios measured back to back."""
+    cpu = {name: statistics.median(values) for name, values in report.floor_cpu.items()}
+    return [
+        ("gunicorn + a bare Flask route (the floor's /healthz)", cpu["bare"]),
+        (
+            "the service's per-request hooks: request id, JSON log line, HTTP metrics, "
+            "CORS, in-flight gauge (service /healthz - bare route)",
+            cpu["healthz"] - cpu["bare"],
+        ),
+        (
+            "a cached answer's own work: key check, one Redis round trip (limit + lookup), "
+            "SHA-256, answer JSON, answer metrics (28x28 hit - /healthz)",
+            cpu["hit"] - cpu["healthz"],
+        ),
+        (
+            "a 280x280 miss over a hit: decode, MNIST preprocessing, interpreter call, "
+            "cache write, timing metrics (280x280 miss - 28x28 hit)",
+            cpu["miss280"] - cpu["hit"],
+        ),
+        ("= a 280x280 miss, all features on", cpu["miss280"]),
+        (
+            "the floor's 280x280 over its bare route: decode, plain resize, interpreter call",
+            cpu["floor280"] - cpu["bare"],
+        ),
+        ("= the floor's 280x280 miss", cpu["floor280"]),
+    ]
+
+
 def _times(values: list[float]) -> str:
     return ", ".join(f"{value:.2f}x" for value in values)
 
@@ -687,8 +731,11 @@ def write_markdown(report: Report, path: Path, seconds: float, command: str) -> 
         "",
         f"Command: `{command}` (each scenario {seconds:.0f} s per concurrency after a 1 s "
         "warm-up; gunicorn from the Procfile with 2 workers x 4 threads, a real redis-server "
-        "for the cache, wrk with `tools/wrk/upload.lua` on the same 2 cores, so the load "
-        "generator takes CPU from the server too).",
+        f"for the cache and the per-key rate limits (`RATE_LIMIT={BENCH_RATE_LIMIT}`: counted, "
+        "never reached), JSON logs at INFO, metrics, wrk with `tools/wrk/upload.lua` on the "
+        "same 2 cores, so the load generator takes CPU from the server too). The floor is "
+        "`tools/floor_app.py` (multipart or raw body, plain 28x28 resize, one interpreter "
+        "call; no auth, limits, cache, metrics, logs or CORS) on the same gunicorn settings.",
         "",
         f"`steal` is the share of the machine's CPU the hypervisor took during the measurement. "
         f"A measurement is repeated (at most {report.max_attempts} attempts) when steal exceeds "
@@ -753,6 +800,22 @@ def write_markdown(report: Report, path: Path, seconds: float, command: str) -> 
     lines += [
         f"| {goal} | {value} | {'yes' if ok else 'NO'} |" for goal, value, ok in targets(report)
     ]
+    if report.floor_cpu:
+        lines += [
+            "",
+            "## Where a request's CPU goes (concurrency 8)",
+            "",
+            f"Medians of the {PAIRED_ROUNDS} floor rounds, which measure the floor's 280x280 and "
+            "bare route and the service's 280x280 miss, 28x28 hit and /healthz back to back; "
+            "each layer is the difference of two of them. Alone in one process: "
+            f"preprocessing a 280x280 canvas {report.alone['preprocess_png280_ms']:.2f} ms "
+            f"(its PNG decode {report.alone['decode_png280_ms']:.2f} ms), one interpreter "
+            f"call {report.alone['inference_single_ms']:.2f} ms.",
+            "",
+            "| layer | worker CPU ms/request |",
+            "|---|---:|",
+        ]
+        lines += [f"| {layer} | {ms:.2f} |" for layer, ms in breakdown(report)]
     path.write_text("\n".join(lines) + "\n")
 
 
