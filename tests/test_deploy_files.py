@@ -536,6 +536,7 @@ def test_compose_config_resolves_and_requires_api_key() -> None:
             "(Debian package 'docker-compose'; no engine is needed for `config`)"
         )
     base = {k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "API_KEY"))}
+    base["SECRET_KEY"] = "compose-test-secret"  # required too; this test is about API_KEY
     base.pop("CELERY_CONCURRENCY", None)
     args = [*command, "--project-directory", ROOT, "-f", COMPOSE, "config"]
 

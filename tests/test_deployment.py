@@ -63,6 +63,7 @@ def deploy_app(two_versions: tuple[Path, str, str]) -> Iterator[APIFlask]:
     folder, stable, _ = two_versions
     settings = Settings(
         api_keys=API_KEYS,
+        secret_key="deployment-test-secret",
         admin_api_keys=(ADMIN,),
         models_dir=folder,
         default_model_version=stable,
@@ -225,7 +226,9 @@ def test_an_admin_key_is_also_an_api_key(api: FlaskClient) -> None:
 def test_without_admin_keys_configured_changes_are_403_with_what_to_set(
     two_versions: tuple[Path, str, str],
 ) -> None:
-    settings = Settings(api_keys=API_KEYS, models_dir=two_versions[0], log_format="text")
+    settings = Settings(
+        api_keys=API_KEYS, secret_key="s", models_dir=two_versions[0], log_format="text"
+    )
     application = create_app(settings, load_model=False)
     try:
         response = application.test_client().put(
@@ -611,6 +614,7 @@ def test_put_with_the_store_down_is_503_deployment_unavailable(
 ) -> None:
     settings = Settings(
         api_keys=API_KEYS,
+        secret_key="deployment-test-secret",
         admin_api_keys=(ADMIN,),
         models_dir=two_versions[0],
         redis_url=f"redis://127.0.0.1:{free_port()}/0",  # nobody listens there
@@ -772,6 +776,7 @@ def test_the_deployment_routes_count_against_the_per_key_rate_limit(
 ) -> None:
     settings = Settings(
         api_keys=API_KEYS,
+        secret_key="deployment-test-secret",
         admin_api_keys=(ADMIN,),
         models_dir=two_versions[0],
         rate_limit="2/minute",
