@@ -309,6 +309,19 @@ def test_the_deployment_info_metric_follows_changes(
 # --- the choice per request ---
 
 
+KEYS = tuple(f"key{number}" for number in range(10))  # evidence needs EVIDENCE_MIN_KEYS (5)
+
+
+def observe_many(
+    router: DeploymentRouter, version: str, answers: int, low: int, keys: int = 10
+) -> None:
+    """`answers` routed answers of `version` (the first `low` low-confidence), each a new
+    input, spread over `keys` keys as honest traffic would be."""
+    for number in range(answers):
+        client = KEYS[number % keys]
+        router.observe(version, client, [(f"{version}-{number}", number < low)])
+
+
 def routed(router: DeploymentRouter, client: str = "k", count: int = 1000) -> Counter[str]:
     return Counter(router.route(client).answer for _ in range(count))
 
@@ -367,10 +380,14 @@ def test_the_bandit_sends_most_traffic_to_the_better_version(better: str) -> Non
     accuracy[good] = 0.95
     outcomes = random.Random(3)
     chosen = []
-    for _ in range(600):
+    for number in range(600):
         version = router.route("k").answer
         chosen.append(version)
-        router.record_feedback(version, outcomes.random() < accuracy[version])
+        router.record_feedback(
+            version, outcomes.random() < accuracy[version], client=KEYS[number % 10]
+        )
+        if number % 10 == 9:
+            router.sync()  # the background loop's refresh: the posteriors learn from it
     late = Counter(chosen[-200:])
     assert late[good] / 200 > 0.8, late
     # ... but never starves the other below min_share (5%), give or take chance.
@@ -389,9 +406,10 @@ def test_the_bandit_keeps_min_share_for_each_version() -> None:
             "guard": {"enabled": False},
         }
     )
-    for _ in range(300):
-        router.record_feedback("aaaaaaaaaaaa", True)
-        router.record_feedback("bbbbbbbbbbbb", False)
+    for number in range(300):
+        router.record_feedback("aaaaaaaaaaaa", True, client=KEYS[number % 10])
+        router.record_feedback("bbbbbbbbbbbb", False, client=KEYS[number % 10])
+    router.sync()
     share = routed(router, count=4000)["bbbbbbbbbbbb"] / 4000
     assert 0.17 < share < 0.23
 
@@ -437,8 +455,8 @@ def test_the_guard_rolls_back_once_with_a_reason() -> None:
     before = router.deployment
     counter = metrics.GUARD_ROLLBACKS.labels(signal="low_confidence")
     rollbacks = counter._value.get()
-    router.observe("aaaaaaaaaaaa", 200, 10, 0)
-    router.observe("mnist-cnn-int8-bbbbbbbbbbbb", 60, 50, 0)
+    observe_many(router, "aaaaaaaaaaaa", 200, 10)
+    observe_many(router, "mnist-cnn-int8-bbbbbbbbbbbb", 60, 50)
     router.sync()
     after = router.deployment
     assert (after.strategy, after.stable, after.candidate) == ("single", "aaaaaaaaaaaa", None)
@@ -450,9 +468,9 @@ def test_the_guard_rolls_back_once_with_a_reason() -> None:
     other = DeploymentRouter(router.manager)
     other.close()
     other.use(before)
-    other._synced = {
-        "aaaaaaaaaaaa": {"requests": 200},
-        "bbbbbbbbbbbb": {"requests": 60, "low_confidence": 50},
+    other._evidence = {
+        "aaaaaaaaaaaa": VersionStats(requests=200),
+        "bbbbbbbbbbbb": VersionStats(requests=60, low_confidence=50),
     }
     other._judge(before)
     assert len(router.manager.history(10)) == 2
@@ -463,17 +481,17 @@ def test_a_healthy_candidate_is_left_alone() -> None:
     router = router_with(
         {"strategy": "ab", "candidate": "bbbbbbbbbbbb", "guard": {"min_requests": 50}}
     )
-    router.observe("aaaaaaaaaaaa", 300, 15, 0)
-    router.observe("bbbbbbbbbbbb", 300, 18, 0)
+    observe_many(router, "aaaaaaaaaaaa", 300, 15)
+    observe_many(router, "bbbbbbbbbbbb", 300, 18)
     router.sync()
     assert router.deployment.strategy == "ab"
 
 
 def test_auto_promotion_is_off_by_default_and_promotes_on_enough_feedback() -> None:
     router = router_with({"strategy": "bandit", "candidate": "bbbbbbbbbbbb"})
-    for _ in range(300):
-        router.record_feedback("aaaaaaaaaaaa", random.random() < 0.9)
-        router.record_feedback("bbbbbbbbbbbb", True)
+    for number in range(300):
+        router.record_feedback("aaaaaaaaaaaa", random.random() < 0.9, client=KEYS[number % 10])
+        router.record_feedback("bbbbbbbbbbbb", True, client=KEYS[number % 10])
     router.sync()
     assert router.deployment.strategy == "bandit"  # AUTO_PROMOTE is off
     router.auto_promote = AutoPromote(enabled=True, min_feedback=200, probability=0.95)
@@ -602,7 +620,7 @@ def test_redis_down_fails_changes_with_503_and_keeps_serving(
     with pytest.raises(DeploymentStoreUnavailable) as raised:
         manager.apply({"strategy": "single"}, by="t")
     assert (raised.value.status, raised.value.code) == (503, "deployment_unavailable")
-    router.observe("bbbbbbbbbbbb", 3, 0, 0)
+    observe_many(router, "bbbbbbbbbbbb", 3, 0)
     router.sync()  # logs the outage, keeps everything
     assert router.route("k").shadow == "bbbbbbbbbbbb"
     redis_server.start()  # an empty Redis: the counters kept in the process arrive now
@@ -768,7 +786,11 @@ def test_an_unexpected_upload_error_counts_against_its_version(
         assert response.status_code == 500
     finally:
         model.predict = original
-    assert router._stats(router.deployment.id, bad).errors == 1
+    router.sync()
+    counts = router.manager.store.counts(router.deployment.id)
+    assert sum(fields.get("errors", 0) for fields in counts.values()) == 1
+    # One key's failure is no evidence yet (EVIDENCE_MIN_KEYS): the guard waits for more keys.
+    assert router._stats(router.deployment.id, bad).errors == 0
 
 
 def test_the_deployment_routes_count_against_the_per_key_rate_limit(
