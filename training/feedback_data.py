@@ -102,6 +102,7 @@ class FeedbackSplit:
     # Per held-out example: its weight in the holdout accuracy (capped per key).
     holdout_weights: np.ndarray = field(default_factory=lambda: np.zeros(0))
     holdout_keys: int = 0
+    holdout_fingerprints: np.ndarray = field(default_factory=lambda: np.zeros(0, str))
     holdout_evidence: bool = False  # enough keys, each capped: gate (b) may decide
 
     def describe(self, rules: FeedbackRules) -> str:
@@ -176,6 +177,7 @@ def split_feedback(rows: FeedbackRows, base_samples: int, rules: FeedbackRules) 
         plain=False,
         holdout_weights=np.array([per_key[key] for key in held_keys], dtype=np.float64),
         holdout_keys=distinct,
+        holdout_fingerprints=rows.key_fingerprints[held],
         holdout_evidence=evidence,
     )
 
