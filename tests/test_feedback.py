@@ -464,3 +464,40 @@ def test_migrations_build_exactly_the_tables_the_code_uses(
             assert compare_metadata(MigrationContext.configure(connection), metadata) == []
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_async_and_batch_answers_carry_ids_for_the_asking_key(
+    app: APIFlask, client: FlaskClient, cached: bool
+) -> None:
+    """A task's result (computed by the task, or cached when it was queued) and each entry
+    of a batch: their prediction ids judge those answers for the key that asked."""
+    image = digit_png(3, size=141 + cached)
+    headers = {"x-api-key": API_KEYS[1]}
+    if cached:
+        client.post("/predict", data={"file": (io.BytesIO(image), "d.png")}, headers=headers)
+    accepted = client.post(
+        "/predict_async", data={"file": (io.BytesIO(image), "d.png")}, headers=headers
+    )
+    assert accepted.status_code == 202, accepted.get_json()
+    status = client.get(accepted.get_json()["status_url"], headers=headers).get_json()
+    assert status["state"] == "SUCCESS", status
+    result = status["result"]
+    assert result["cached"] is cached
+    assert (
+        post(client, image, "3", key=API_KEYS[0], prediction_id=result["prediction_id"]).get_json()[
+            "code"
+        ]
+        == "invalid_prediction_id"
+    )
+    judged = post(client, image, "3", key=API_KEYS[1], prediction_id=result["prediction_id"])
+    assert judged.status_code in (200, 201), judged.get_json()
+    batch = client.post(
+        "/predict/batch",
+        data={"files": [(io.BytesIO(image), "a.png"), (io.BytesIO(digit_png(8)), "b.png")]},
+        headers=headers,
+    ).get_json()
+    first, second = batch["predictions"]
+    assert first["prediction_id"] and second["prediction_id"]
+    again = post(client, image, "3", key=API_KEYS[1], prediction_id=first["prediction_id"])
+    assert again.status_code == 200  # the same key, pixels and version: the label is replaced
