@@ -999,7 +999,7 @@ def test_slug_leaves_out_tests_docs_training_keras_tools_monitoring(
 
 
 def test_slug_keeps_what_the_procfile_processes_need(slug: dict[str, str]) -> None:
-    settings = Settings(api_keys=("k",), log_format="text", log_level="WARNING")
+    settings = Settings(api_keys=("k",), secret_key="s", log_format="text", log_level="WARNING")
     app = create_app(settings, load_model=False)
     needed = set(SLUG_NEEDS)
     needed |= {path for path in slug if path.startswith("mnist_api/")}
