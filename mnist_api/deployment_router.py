@@ -53,9 +53,10 @@ from mnist_api.service import Route
 # Counters kept while the store is down are capped per key; beyond that they are dropped
 # (they only feed statistics, never an answer).
 _MAX_PENDING = 10_000_000
-# Inputs already counted per (deployment, version, key): forgotten all at once beyond this
-# many (a repeat after that counts again, still capped with its key's share).
-_MAX_SEEN = 200_000
+# Inputs already counted per (deployment, version, key), as one int hash each (~60 bytes:
+# 3 MB at most per worker); forgotten all at once beyond this many (a repeat after that
+# counts again, still capped with its key's share).
+_MAX_SEEN = 50_000
 KEY_SEPARATOR = "/"  # `<version>/<key fingerprint>` in the store's per-version counts
 
 
@@ -105,7 +106,7 @@ class DeploymentRouter:
         # version -> its evidence under the deployment in force; swapped in whole after each
         # flush and read, so `route()` (the bandit) never computes caps per request.
         self._evidence: dict[str, VersionStats] = {}
-        self._seen: set[tuple[str, str, str, str]] = set()
+        self._seen: set[int] = set()
         self._stored = Deployment.initial(manager.default_stable)
         self._deployment = self._stored  # what this process serves (installed versions only)
         self._warned: set[str] = set()
@@ -177,7 +178,7 @@ class DeploymentRouter:
                 self._seen.clear()
             answered = low = 0
             for digest, low_confidence in answers:
-                seen = (deployment.id, short, client, digest)
+                seen = hash((deployment.id, short, client, digest))
                 if seen in self._seen:
                     continue  # the same pixels from the same key: one piece of evidence
                 self._seen.add(seen)

@@ -837,3 +837,45 @@ def test_deployment_settings_from_the_environment() -> None:
         Settings.from_env({"API_KEY": "k", "GUARD_MAX_ERROR_DELTA": "5"}).validate()
     with pytest.raises(ConfigError, match="GUARD_MIN_REQUESTS"):
         Settings.from_env({"GUARD_MIN_REQUESTS": "0"})
+
+
+# --- evidence (issue 21): routed answers only, each (key, input) once ---
+
+
+def test_repeats_of_one_input_by_one_key_count_once() -> None:
+    router = router_with({"strategy": "canary", "candidate": "bbbbbbbbbbbb"})
+    for _ in range(5):
+        router.observe("bbbbbbbbbbbb", "key0", [("digest-1", True), ("digest-1", True)])
+    router.observe("bbbbbbbbbbbb", "key1", [("digest-1", True)])  # another key: new evidence
+    router.sync()
+    counts = router.manager.store.counts(router.deployment.id)
+    assert counts["bbbbbbbbbbbb/key0"]["requests"] == 1
+    assert counts["bbbbbbbbbbbb/key1"]["requests"] == 1
+
+
+def test_pinned_answers_are_not_evidence(
+    deploy_app: APIFlask, two_versions: tuple[Path, str, str]
+) -> None:
+    router: DeploymentRouter = deploy_app.extensions[ROUTER]
+    manager: DeploymentManager = deploy_app.extensions[DEPLOYMENTS]
+    bad = two_versions[2]
+    router.use(
+        manager.apply({"strategy": "canary", "candidate": bad, "guard": {"enabled": False}}, by="t")
+    )
+    client = deploy_app.test_client()
+    for digit in range(4):
+        pinned = client.post(
+            f"/predict?model_version={bad}",
+            data={"file": (io.BytesIO(png_of(digit)), f"{digit}.png")},
+            headers=USER_HEADERS,
+        )
+        assert pinned.status_code == 200
+    router.sync()
+    assert router.manager.store.counts(router.deployment.id) == {}
+    routed = client.post(
+        "/predict", data={"file": (io.BytesIO(png_of(5)), "5.png")}, headers=USER_HEADERS
+    )
+    assert routed.status_code == 200
+    router.sync()
+    counts = router.manager.store.counts(router.deployment.id)
+    assert sum(fields.get("requests", 0) for fields in counts.values()) == 1
