@@ -20,12 +20,14 @@ from mnist_api.cache import CacheHooks, build_cache
 from mnist_api.config import PROJECT_ROOT, Settings
 from mnist_api.deployment_manager import DeploymentManager
 from mnist_api.deployment_router import AutoPromote, DeploymentRouter
+from mnist_api.evidence import EvidenceRules
 from mnist_api.feedback import FeedbackStore
 from mnist_api.job_store import build_job_store
 from mnist_api.jobs import JobService
 from mnist_api.logs import configure_logging
 from mnist_api.model import MODEL_NAME
 from mnist_api.native_memory import return_large_blocks_to_os
+from mnist_api.prediction_ids import PredictionIds
 from mnist_api.preprocessing import ALLOWED_CONTENT_TYPES
 from mnist_api.registry import ModelRegistry
 from mnist_api.routes import api, feedback, ops, v2, web
@@ -75,6 +77,7 @@ def create_app(settings: Settings | None = None, *, load_model: bool = True) -> 
         cache,
         router,
         low_confidence_threshold=settings.low_confidence_threshold,
+        ids=PredictionIds(settings.secret_key, settings.feedback_max_age_seconds),
     )
 
     app.extensions[extensions.JOB_STORE] = job_store = build_job_store(settings)
@@ -144,6 +147,7 @@ def _deployment_router(
             settings.auto_promote_min_feedback,
             settings.auto_promote_probability,
         ),
+        evidence=EvidenceRules(settings.evidence_max_share_per_key, settings.evidence_min_keys),
     )
     app.extensions[extensions.ROUTER] = router
     return router

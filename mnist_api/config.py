@@ -139,6 +139,13 @@ class Settings:
     auto_promote: bool = False
     auto_promote_min_feedback: int = 200
     auto_promote_probability: float = 0.95
+    # Trust (issue 21): signs prediction ids (and keyed fingerprints); required like API_KEY.
+    secret_key: str = ""
+    feedback_max_age_seconds: int = 7 * 86_400  # how long an answer can still be judged
+    # Evidence rules: no key more than this share of any statistic the guard, the bandit,
+    # auto-promotion or the retrain holdout read; and at least this many distinct keys.
+    evidence_max_share_per_key: float = 0.2
+    evidence_min_keys: int = 5
     # Feedback store (mnist_api/db.py): DATABASE_URL, or "" for the embedded SQLite file.
     database_url: str = ""
     database_timeout_seconds: float = 3.0
@@ -217,6 +224,14 @@ class Settings:
             auto_promote_probability=_float(
                 env, "AUTO_PROMOTE_PROBABILITY", cls.auto_promote_probability
             ),
+            secret_key=_text(env, "SECRET_KEY", ""),
+            feedback_max_age_seconds=_int(
+                env, "FEEDBACK_MAX_AGE_SECONDS", cls.feedback_max_age_seconds, 1
+            ),
+            evidence_max_share_per_key=_float(
+                env, "EVIDENCE_MAX_SHARE_PER_KEY", cls.evidence_max_share_per_key
+            ),
+            evidence_min_keys=_int(env, "EVIDENCE_MIN_KEYS", cls.evidence_min_keys, 1),
             database_url=_text(env, "DATABASE_URL", ""),
             database_timeout_seconds=_float(
                 env, "DATABASE_TIMEOUT_SECONDS", cls.database_timeout_seconds
@@ -244,6 +259,11 @@ class Settings:
                 "No API key is configured: set API_KEY to a secret (or API_KEYS to a "
                 "comma-separated list) before starting the service."
             )
+        if not 0 < self.evidence_max_share_per_key <= 1:
+            raise ConfigError(
+                "EVIDENCE_MAX_SHARE_PER_KEY must be above 0 and at most 1, got "
+                f"{self.evidence_max_share_per_key}"
+            )
         if self.log_format not in ("json", "text"):
             raise ConfigError(f"LOG_FORMAT must be 'json' or 'text', got {self.log_format!r}")
         for name, value in (
@@ -267,4 +287,9 @@ class Settings:
             raise ConfigError(
                 f"MODELS_DIR ({self.models_dir}) holds no model version folder "
                 "(<version>/mnist_cnn_int8.tflite); run `make model` or set MODELS_DIR."
+            )
+        if not self.secret_key:
+            raise ConfigError(
+                "No SECRET_KEY is configured: set SECRET_KEY to a long random secret (it signs "
+                "the prediction ids that feedback refers to) before starting the service."
             )

@@ -7,8 +7,13 @@ thread, every `DEPLOYMENT_REFRESH_SECONDS` (1 s by default):
 1. flushes the counters to the store (one pipelined HINCRBY per version and field);
 2. reads the stored deployment and switches to it if its id changed (so a change made on any
    worker or dyno, or by the CLI, is in force everywhere within a couple of seconds);
-3. reads the deployment's counts summed over every worker (the bandit's posteriors and the
-   guard's evidence);
+3. reads the deployment's counts summed over every worker and turns them into evidence (the
+   bandit's posteriors and the guard's statistics): counts are kept per version and key
+   fingerprint (store field `<version>/<key>:<field>`), each key capped at
+   EVIDENCE_MAX_SHARE_PER_KEY of each statistic, none from fewer than EVIDENCE_MIN_KEYS keys
+   (mnist_api/evidence.py). Only routed answers are observed (the service never reports a
+   pinned one), each (key, input) once per process (`_seen`) and each judged answer once
+   (the feedback store's row per key, input and version);
 4. runs the guard (and auto-promotion when enabled); the change is a compare-and-set on the
    deployment id, so when several workers decide at once exactly one writes it.
 
@@ -26,7 +31,7 @@ import os
 import random
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from loguru import logger
 
@@ -35,6 +40,7 @@ from mnist_api.deployment import GUARDED, Deployment, ab_position
 from mnist_api.deployment_manager import DeploymentManager
 from mnist_api.deployment_store import CountKey, Counts
 from mnist_api.errors import DeploymentStoreUnavailable
+from mnist_api.evidence import EvidenceRules
 from mnist_api.guard import (
     VersionStats,
     guard_verdict,
@@ -47,6 +53,23 @@ from mnist_api.service import Route
 # Counters kept while the store is down are capped per key; beyond that they are dropped
 # (they only feed statistics, never an answer).
 _MAX_PENDING = 10_000_000
+# Inputs already counted per (deployment, version, key), as one int hash each (~60 bytes:
+# 3 MB at most per worker); forgotten all at once beyond this many (a repeat after that
+# counts again, still capped with its key's share).
+_MAX_SEEN = 50_000
+KEY_SEPARATOR = "/"  # `<version>/<key fingerprint>` in the store's per-version counts
+
+
+def per_key(counts: Counts) -> dict[str, dict[str, dict[str, int]]]:
+    """`version -> key -> field -> count` from the store's `<version>/<key>` entries (counts
+    stored before keys were tracked count as one key, "")."""
+    result: dict[str, dict[str, dict[str, int]]] = {}
+    for name, fields in counts.items():
+        version, _, client = name.partition(KEY_SEPARATOR)
+        target = result.setdefault(version, {}).setdefault(client, {})
+        for field, count in fields.items():
+            target[field] = target.get(field, 0) + count
+    return result
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,9 +91,11 @@ class DeploymentRouter:
         full_version: Callable[[str], str] = str,
         refresh_seconds: float = 1.0,
         auto_promote: AutoPromote | None = None,
+        evidence: EvidenceRules | None = None,
         seed: int | None = None,
     ) -> None:
         self.manager = manager
+        self.evidence = evidence or EvidenceRules()
         self.refresh_seconds = refresh_seconds
         self.auto_promote = auto_promote or AutoPromote()
         self._full_version = full_version  # short id -> `mnist-cnn-int8-<id>` (metric labels)
@@ -78,6 +103,10 @@ class DeploymentRouter:
         self._lock = threading.Lock()
         self._pending: Counter[CountKey] = Counter()
         self._synced: Counts = {}
+        # version -> its evidence under the deployment in force; swapped in whole after each
+        # flush and read, so `route()` (the bandit) never computes caps per request.
+        self._evidence: dict[str, VersionStats] = {}
+        self._seen: set[int] = set()
         self._stored = Deployment.initial(manager.default_stable)
         self._deployment = self._stored  # what this process serves (installed versions only)
         self._warned: set[str] = set()
@@ -99,15 +128,20 @@ class DeploymentRouter:
         """The stable version."""
         return self._deployment.stable
 
+    @property
+    def deployment_id(self) -> str:
+        """The id of the deployment this process serves."""
+        return self._deployment.id
+
     def route(self, client: str) -> Route:
         """The version that answers this request, and the one scoring it in the shadow."""
         self._ensure_running()
         deployment = self._deployment
         candidate = deployment.candidate
         if candidate is None or deployment.strategy == "single":
-            return Route(deployment.stable)
+            return Route(deployment.stable, deployment=deployment.id)
         if deployment.strategy == "shadow":
-            return Route(deployment.stable, shadow=candidate)
+            return Route(deployment.stable, shadow=candidate, deployment=deployment.id)
         if deployment.strategy == "canary":
             chosen = self._rng.random() < deployment.candidate_share
         elif deployment.strategy == "ab":
@@ -119,7 +153,7 @@ class DeploymentRouter:
                 self._stats(deployment.id, candidate),
                 deployment.min_share,
             )
-        return Route(candidate if chosen else deployment.stable)
+        return Route(candidate if chosen else deployment.stable, deployment=deployment.id)
 
     def roles(self) -> dict[str, str]:
         """`{stable: "stable", candidate: "candidate"}` of the deployment in force."""
@@ -129,25 +163,40 @@ class DeploymentRouter:
             roles[deployment.candidate] = "candidate"
         return roles
 
-    def observe(self, version: str, answered: int, low_confidence: int, errors: int) -> None:
-        """Count answers, low-confidence answers and failed inferences of `version`."""
+    def observe(
+        self, version: str, client: str, answers: Sequence[tuple[str, bool]], errors: int = 0
+    ) -> None:
+        """Count routed answers of `version` to the key `client`, as (input digest,
+        low-confidence) pairs, each (key, input) once; and `errors` failed inferences."""
         deployment = self._deployment
         if deployment.candidate is None:
             return  # nothing to compare, nothing to flush
-        key = deployment.id, short_version(version)
+        short = short_version(version)
+        key = deployment.id, short + KEY_SEPARATOR + client
         with self._lock:
-            for name, count in (
-                ("requests", answered),
-                ("low_confidence", low_confidence),
-                ("errors", errors),
-            ):
+            if len(self._seen) > _MAX_SEEN:
+                self._seen.clear()
+            answered = low = 0
+            for digest, low_confidence in answers:
+                seen = hash((deployment.id, short, client, digest))
+                if seen in self._seen:
+                    continue  # the same pixels from the same key: one piece of evidence
+                self._seen.add(seen)
+                answered += 1
+                low += low_confidence
+            counted = (("requests", answered), ("low_confidence", low), ("errors", errors))
+            for name, count in counted:
                 if count:
                     self._pending[(*key, name)] += count
 
-    def record_feedback(self, version: str, correct: bool) -> None:
-        """Count one feedback on `version`'s answer (short or full id): the bandit's and
-        the guard's evidence. Cheap: in-process, flushed by the background thread."""
-        key = self._deployment.id, short_version(version)
+    def record_feedback(
+        self, version: str, correct: bool, *, client: str = "", deployment: str = ""
+    ) -> None:
+        """Count one judged answer of `version` (short or full id) to the key `client` under
+        `deployment` (the one in force when it answered; default: the current one): the
+        bandit's and the guard's evidence. Cheap: in-process, flushed by the background
+        thread. The caller counts each (key, input, version) once."""
+        key = deployment or self._deployment.id, short_version(version) + KEY_SEPARATOR + client
         with self._lock:
             self._pending[(*key, "feedback")] += 1
             if correct:
@@ -165,6 +214,8 @@ class DeploymentRouter:
         if served.id != self._deployment.id:
             with self._lock:
                 self._synced = {}
+                self._evidence = {}
+                self._seen = set()
         self._deployment = served
         metrics.set_model_version(self._full_version(served.stable))
         metrics.set_deployment(
@@ -206,6 +257,7 @@ class DeploymentRouter:
             counts = self.manager.store.counts(stored.id)
             with self._lock:
                 self._synced = counts
+                self._evidence = self._weigh(counts)
             self._judge(stored)
         except DeploymentStoreUnavailable:
             self._store_failed()
@@ -252,6 +304,7 @@ class DeploymentRouter:
                     fields = merged.setdefault(version, {})
                     fields[name] = fields.get(name, 0) + count
             self._synced = merged
+            self._evidence = self._weigh(merged)
 
     def _judge(self, stored: Deployment) -> None:
         """The guard, then auto-promotion, on the counts of every worker."""
@@ -302,13 +355,16 @@ class DeploymentRouter:
             self.use(written)
 
     def _stats(self, deployment_id: str, version: str) -> VersionStats:
-        """Counts of every worker at the last refresh plus this process's unflushed ones."""
-        fields = dict(self._synced.get(version, {}))
-        for name in ("requests", "low_confidence", "errors", "feedback", "correct"):
-            fields[name] = fields.get(name, 0) + self._pending.get(
-                (deployment_id, version, name), 0
-            )
-        return VersionStats.from_counts(fields)
+        """The evidence on `version` from every worker's counts at the last flush or read
+        (capped per key: mnist_api/evidence.py)."""
+        return self._evidence.get(version) or VersionStats()
+
+    def _weigh(self, counts: Counts) -> dict[str, VersionStats]:
+        """Each version's statistics from its per-key counts, under the evidence rules."""
+        return {
+            version: VersionStats.from_keys(keys, self.evidence)
+            for version, keys in per_key(counts).items()
+        }
 
     def _servable(self, stored: Deployment) -> Deployment:
         """`stored` if this process has its versions installed, else the closest it can do."""

@@ -167,6 +167,24 @@ class InvalidLabel(ServiceError):
     message = "Send 'label' as a whole number from 0 to 9."
 
 
+class InvalidPredictionId(ServiceError):
+    status = 400
+    code = "invalid_prediction_id"
+    message = (
+        "Send the 'prediction_id' of the answer you are judging, exactly as this service gave "
+        "it to your key (it is missing, altered, expired or was issued to another key)."
+    )
+
+
+class PredictionMismatch(ServiceError):
+    status = 400
+    code = "prediction_mismatch"
+    message = (
+        "The image is not the one that prediction_id answered: send the same image you "
+        "predicted with that answer."
+    )
+
+
 class InvalidInferenceRequest(ServiceError):
     status = 400
     code = "invalid_inference_request"

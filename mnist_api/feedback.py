@@ -1,9 +1,11 @@
 """The feedback store: what users say the right digit was, per key, image and version.
 
-Kept per feedback: the normalised 28x28 input the model saw (float16 bytes), the upload's
-SHA-256, the label, the prediction (and its probability), the version, the key fingerprint
-and the time. The raw upload is never kept. The same key judging the same image's answer
-by the same version again replaces its earlier label.
+Kept per feedback: the normalised 28x28 input the model saw (float16 bytes), its digest
+(`mnist_api.prediction_ids.input_digest`, in the `sha256` column: rows written before
+issue 21 hold the upload's SHA-256 there), the label, the prediction (and its probability),
+the version, the key fingerprint and the time. The raw upload is never kept. The same key
+judging the same pixels' answer by the same version again replaces its earlier label, so
+the same pixels count once per key whatever bytes carried them.
 
 Every write is one transaction: a database that is down, locked or slow raises
 `FeedbackUnavailable` (503) and leaves nothing half-written.
@@ -43,7 +45,7 @@ class FeedbackEntry:
     """One judgement of an answer: what the model saw and said, and the right label."""
 
     key_fingerprint: str
-    sha256: str
+    sha256: str  # the normalised input's digest (the per-key dedupe key; column `sha256`)
     model_version: str  # the short 12-hex version id
     label: int
     predicted: int

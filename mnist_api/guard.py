@@ -16,6 +16,10 @@ Auto-promotion: with at least `min_feedback` feedback per version, the candidate
 promoted when P(accuracy_candidate >= accuracy_stable) >= `probability` under those
 posteriors, estimated by Monte Carlo (20,000 draws, fixed seed: the same counts always give
 the same decision).
+
+Every count here is evidence (mnist_api/evidence.py): routed answers only, each (key, input)
+once, each key capped at EVIDENCE_MAX_SHARE_PER_KEY of the statistic, and nothing from fewer
+than EVIDENCE_MIN_KEYS keys; so the counts are weights (floats), not raw request counts.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mnist_api.deployment import GuardSettings
+from mnist_api.evidence import EvidenceRules, capped_rate
 
 Z_95_ONE_SIDED = 1.645
 MONTE_CARLO_DRAWS = 20_000
@@ -35,21 +40,59 @@ MONTE_CARLO_DRAWS = 20_000
 
 @dataclass(frozen=True)
 class VersionStats:
-    """What one version did under one deployment, summed over every worker."""
+    """What one version did under one deployment, summed over every worker (as evidence)."""
 
-    requests: int = 0  # answers given (cache hits included)
-    low_confidence: int = 0  # answers below LOW_CONFIDENCE_THRESHOLD
-    errors: int = 0  # uploads whose inference raised
-    feedback: int = 0
-    correct: int = 0
+    requests: float = 0  # answers given (cache hits included)
+    low_confidence: float = 0  # answers below LOW_CONFIDENCE_THRESHOLD
+    errors: float = 0  # uploads whose inference raised
+    feedback: float = 0
+    correct: float = 0
+    # Answers plus failed inferences, when capped on its own (None: requests + errors).
+    attempts: float | None = None
 
     @classmethod
-    def from_counts(cls, counts: Mapping[str, int]) -> VersionStats:
-        """From the store's `field -> count` mapping (missing fields are 0)."""
-        return cls(**{name: int(counts.get(name, 0)) for name in cls.__dataclass_fields__})
+    def from_counts(cls, counts: Mapping[str, float]) -> VersionStats:
+        """From a `field -> count` mapping of one version (missing fields are 0), uncapped."""
+        names = ("requests", "low_confidence", "errors", "feedback", "correct")
+        return cls(**{name: float(counts.get(name, 0)) for name in names})
+
+    @classmethod
+    def from_keys(
+        cls, per_key: Mapping[str, Mapping[str, float]], rules: EvidenceRules
+    ) -> VersionStats:
+        """From `key fingerprint -> field -> count` of one version, each statistic capped per
+        key and void below the minimum number of keys (mnist_api/evidence.py)."""
+
+        def field(counts: Mapping[str, float], name: str) -> float:
+            return float(counts.get(name, 0))
+
+        requests, low = capped_rate(
+            {k: (field(c, "requests"), field(c, "low_confidence")) for k, c in per_key.items()},
+            rules,
+        )
+        attempts, errors = capped_rate(
+            {
+                k: (field(c, "requests") + field(c, "errors"), field(c, "errors"))
+                for k, c in per_key.items()
+            },
+            rules,
+        )
+        feedback, incorrect = capped_rate(
+            {
+                k: (field(c, "feedback"), field(c, "feedback") - field(c, "correct"))
+                for k, c in per_key.items()
+            },
+            rules,
+        )
+        return cls(requests, low, errors, feedback, feedback - incorrect, attempts)
 
     @property
-    def incorrect(self) -> int:
+    def tried(self) -> float:
+        """Inference attempts: the weight of the error-rate statistic."""
+        return self.requests + self.errors if self.attempts is None else self.attempts
+
+    @property
+    def incorrect(self) -> float:
         """Feedback that said the answer was wrong."""
         return self.feedback - self.correct
 
@@ -62,7 +105,7 @@ class Verdict:
     detail: str
 
 
-def worse_beyond_margin(bad_c: int, n_c: int, bad_s: int, n_s: int, margin: float) -> bool:
+def worse_beyond_margin(bad_c: float, n_c: float, bad_s: float, n_s: float, margin: float) -> bool:
     """True when the candidate's bad rate exceeds stable's by more than `margin`, with 95%
     confidence (the one-sided z-test of the module docstring)."""
     if n_c <= 0 or n_s <= 0:
@@ -96,7 +139,7 @@ def guard_verdict(
             f" vs stable {_rate(stable.low_confidence, stable.requests)}, more than "
             f"{settings.max_low_confidence_delta:.0%} worse (one-sided z-test, 95%)",
         )
-    tried_c, tried_s = candidate.requests + candidate.errors, stable.requests + stable.errors
+    tried_c, tried_s = candidate.tried, stable.tried
     if min(tried_c, tried_s) >= settings.min_requests and worse_beyond_margin(
         candidate.errors, tried_c, stable.errors, tried_s, settings.max_error_delta
     ):
@@ -161,5 +204,10 @@ def promotion_verdict(
     )
 
 
-def _rate(count: int, total: int) -> str:
-    return f"{count}/{total} ({count / total:.1%})" if total else "0/0"
+def _rate(count: float, total: float) -> str:
+    # Capped evidence is fractional; one decimal says so without noise.
+    return f"{_number(count)}/{_number(total)} ({count / total:.1%})" if total else "0/0"
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:.1f}"

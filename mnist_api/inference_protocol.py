@@ -396,13 +396,15 @@ def build_response(
     *,
     model_version: str,
     model_name: str = MODEL_NAME,
+    prediction_ids: list[str] | None = None,
 ) -> tuple[bytes, dict[str, str]]:
     """The V2 response body and its headers for (N, 10) `probabilities` and (N,) `digits`.
 
     Probabilities are rounded to 6 decimals like every answer of the service; the digits
     are given, not recomputed, so a tie after rounding cannot change an answer. Outputs come
     in the order requested; binary ones follow the JSON, in the same order, and the
-    `Inference-Header-Content-Length` header gives the JSON's length.
+    `Inference-Header-Content-Length` header gives the JSON's length. `prediction_ids`
+    (one per image, what /feedback takes) go in the response parameter `prediction_ids`.
     """
     rounded = np.round(np.asarray(probabilities, dtype=np.float64), 6)
     outputs: list[dict[str, Any]] = []
@@ -419,6 +421,8 @@ def build_response(
     document: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
     if request.id is not None:
         document["id"] = request.id
+    if prediction_ids:
+        document["parameters"] = {"prediction_ids": prediction_ids}
     document["outputs"] = outputs
     header = json.dumps(document, separators=(",", ":"), allow_nan=False).encode()
     if not tail:

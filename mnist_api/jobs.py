@@ -63,8 +63,9 @@ class JobService:
                 f"{len(data)}); send it to /predict instead."
             )
         task_id = str(uuid.uuid4())
-        answering = self.service.route_for(client, version).answer
-        cached = self.service.lookup(data, answering)
+        route = self.service.route_for(client, version)
+        answering = route.answer
+        cached = self.service.lookup(data, route, client)
         if cached is not None:
             # Already answered: the task is complete at birth, no worker needed.
             self.store.issue(task_id)
@@ -77,7 +78,11 @@ class JobService:
         try:
             self.store.issue(task_id)
             self.celery.tasks[PREDICT_UPLOAD].apply_async(
-                args=(sha256, request_id, answering), task_id=task_id
+                # The key and whether the deployment chose the version travel with the task:
+                # its answer's prediction id is the asker's, and only a routed one is evidence.
+                args=(sha256, request_id, answering),
+                kwargs={"client": client, "routed": route.routed, "deployment": route.deployment},
+                task_id=task_id,
             )
         except (*_BROKER_ERRORS, BrokerUnavailable) as error:
             self.store.forget(task_id)

@@ -77,6 +77,12 @@ class Prediction(Schema):
     )
     model_version = String(required=True, metadata={"example": "mnist-cnn-int8-3f2a9c1b7d4e"})
     cached = Boolean(required=True, metadata={"description": "true when served from the cache"})
+    prediction_id = String(
+        metadata={
+            "description": "signed id of this answer (version, deployment, key, input, time): "
+            "send it with POST /feedback to judge the answer",
+        }
+    )
 
 
 class CacheHeaders(Schema):
@@ -100,6 +106,7 @@ class BatchItem(Schema):
     probabilities = List(Float(validate=Range(0, 1)), validate=Length(equal=10))
     model_version = String()
     cached = Boolean()
+    prediction_id = String(metadata={"description": "send it with POST /feedback"})
     error = String()
     code = String()
 
@@ -316,15 +323,16 @@ class FeedbackUpload(Schema):
     class Meta:
         unknown = INCLUDE  # other form fields are ignored, not refused
 
-    file = File(required=True, metadata={"description": "the image that was predicted"})
+    prediction_id = String(
+        required=True,
+        metadata={"description": "the `prediction_id` of the answer being judged"},
+    )
+    file = File(
+        required=True,
+        metadata={"description": "the image that was predicted (the same pixels as then)"},
+    )
     label = Integer(
         required=True, validate=Range(0, 9), metadata={"description": "the right digit, 0-9"}
-    )
-    model_version = String(
-        metadata={
-            "description": "the version whose answer is judged (default: the one the current "
-            "deployment would use for this key)"
-        }
     )
 
 
@@ -333,6 +341,13 @@ class FeedbackResult(Schema):
 
     feedback_id = Integer(required=True)
     sha256 = String(required=True, metadata={"description": "SHA-256 of the uploaded bytes"})
+    input_digest = String(
+        required=True,
+        metadata={
+            "description": "hash of the normalised 28x28 input: the same pixels count once "
+            "per key and version, whatever bytes carried them"
+        },
+    )
     label = Integer(required=True, validate=Range(0, 9))
     model_version = String(required=True, metadata={"example": "mnist-cnn-int8-fe5e4f4d480b"})
     predicted = Integer(required=True, validate=Range(0, 9))

@@ -27,10 +27,16 @@ from mnist_api.config import MIB, Settings
 from mnist_api.decode_budget import DecodeBudget
 from mnist_api.errors import NotReady, ServiceError
 from mnist_api.model import BATCH_BUCKETS, NUM_CLASSES, DigitModel
+from mnist_api.prediction_ids import PredictionIds, input_digest
 from mnist_api.preprocessing import Limits, preprocess, warm_up_upload
 from mnist_api.registry import ModelRegistry
 
 Prediction = dict[str, Any]
+Evidence = list[tuple[str, bool]]  # (input digest, low confidence) per answer
+
+# The normalised input's digest rides along in the cached answer (never in a response), so a
+# cached answer gets a prediction id for the input it answered without decoding it again.
+INPUT_FIELD = "input_digest"
 
 # Six decimals keep the ten probabilities summing to 1 within 1e-5.
 DECIMALS = 6
@@ -55,10 +61,17 @@ def preprocessing_version() -> str:
 
 @dataclass(frozen=True)
 class Route:
-    """Which version answers a request, and which one (if any) scores it in the shadow."""
+    """Which version answers a request, and which one (if any) scores it in the shadow.
+
+    `routed` is False when the client pinned the version (`?model_version=`, a V2 version
+    path): such answers are never evidence for the guard, the bandit or auto-promotion.
+    `deployment` is the id of the deployment in force ("" without one).
+    """
 
     answer: str
     shadow: str | None = None
+    routed: bool = True
+    deployment: str = ""
 
 
 class Router(Protocol):
@@ -71,15 +84,21 @@ class Router(Protocol):
     def route(self, client: str) -> Route:
         """The route for a request from the key fingerprint `client` ("" without a key)."""
 
+    @property
+    def deployment_id(self) -> str:
+        """The id of the deployment in force ("" when there is none)."""
+
     def roles(self) -> dict[str, str]:
         """`{version: "stable"|"candidate"}` for GET /models."""
 
-    def observe(self, version: str, answered: int, low_confidence: int, errors: int) -> None:
-        """Count what `version` just did (answers, low-confidence answers, failed inferences)
-        for the guard; cheap, in-process."""
+    def observe(self, version: str, client: str, answers: Evidence, errors: int = 0) -> None:
+        """Count routed answers of `version` to the key `client` ((input digest, low
+        confidence) each) and failed inferences, for the guard; cheap, in-process."""
 
-    def record_feedback(self, version: str, correct: bool) -> None:
-        """Count one feedback on `version`'s answer (feeds the bandit and the guard)."""
+    def record_feedback(
+        self, version: str, correct: bool, *, client: str = "", deployment: str = ""
+    ) -> None:
+        """Count one judged answer of `version` (feeds the bandit and the guard)."""
 
 
 @dataclass
@@ -93,6 +112,11 @@ class SingleRouter:
         """The one version."""
         return self.version
 
+    @property
+    def deployment_id(self) -> str:
+        """No deployment object: ""."""
+        return ""
+
     def route(self, client: str) -> Route:
         """Always the one version, no shadow."""
         return Route(self.version)
@@ -101,10 +125,12 @@ class SingleRouter:
         """Only a stable version."""
         return {self.version: "stable"}
 
-    def observe(self, version: str, answered: int, low_confidence: int, errors: int) -> None:
+    def observe(self, version: str, client: str, answers: Evidence, errors: int = 0) -> None:
         """Nothing to guard with one version."""
 
-    def record_feedback(self, version: str, correct: bool) -> None:
+    def record_feedback(
+        self, version: str, correct: bool, *, client: str = "", deployment: str = ""
+    ) -> None:
         """Nothing to learn with one version."""
 
 
@@ -119,6 +145,8 @@ class PredictionService:
     low_confidence_threshold: float = 0.6
     # Part of every cache key: a deploy that changes preprocessing never serves old answers.
     preprocessing: str = field(default_factory=preprocessing_version)
+    # Signs each answer's `prediction_id` (SECRET_KEY); None (tools only): answers carry none.
+    ids: PredictionIds | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, cache: PredictionCache) -> PredictionService:
@@ -131,6 +159,9 @@ class PredictionService:
             cache,
             SingleRouter(registry.default_version(settings.default_model_version)),
             settings.low_confidence_threshold,
+            ids=PredictionIds(settings.secret_key, settings.feedback_max_age_seconds)
+            if settings.secret_key
+            else None,
         )
 
     @property
@@ -160,15 +191,19 @@ class PredictionService:
         `ModelNotFound` (404) when `version` is not installed.
         """
         if version:
-            return Route(self.registry.get(version).version)
+            version = self.registry.get(version).version
+            return Route(version, routed=False, deployment=self.router.deployment_id)
         return self.router.route(client)
 
-    def lookup(self, data: bytes, version: str | None = None) -> Prediction | None:
-        """The cached answer of `version` (default: stable) for an upload, or None."""
+    def lookup(self, data: bytes, route: Route, client: str = "") -> Prediction | None:
+        """The cached answer of `route`'s version for an upload (with its prediction id for
+        `client`, counted like any answer), or None."""
         self._require_ready()
-        model = self.registry.get(version or self.router.stable)
+        model = self.registry.get(route.answer)
         hit = self.cache.get_many([self.key_for(data, model)])[0]
-        return {**hit, "cached": True} if hit is not None else None
+        if hit is None or INPUT_FIELD not in hit:
+            return None
+        return self._deliver(model, route, client, [{**hit, "cached": True}])[0]
 
     def validate(self, data: bytes) -> None:
         """Raise the error /predict would give for this upload, without running the model."""
@@ -235,7 +270,9 @@ class PredictionService:
         if along is not None:
             along.settle()
         results: list[Prediction | ServiceError | None] = [
-            {**hit, "cached": True} if hit is not None else None for hit in hits
+            # An answer cached without its input digest (older code) is computed again.
+            {**hit, "cached": True} if hit is not None and INPUT_FIELD in hit else None
+            for hit in hits
         ]
         pending: dict[str, list[int]] = {}  # key -> the slots waiting for its answer
         images: list[np.ndarray] = []
@@ -261,36 +298,67 @@ class PredictionService:
             try:
                 probabilities = model.predict(batch)
             except Exception:
-                # The guard compares error rates per version: a failing candidate is rolled back.
-                self.router.observe(model.version, 0, 0, len(images))
+                self._count_failure(model, route, client, len(images))
                 raise
             metrics.INFERENCE_SECONDS.labels(model_version=model.full_version).observe(
                 time.perf_counter() - started
             )
             if route.shadow is not None:
                 self._score_in_shadow(model, route.shadow, batch, probabilities)
-            for (key, slots), row in zip(pending.items(), probabilities, strict=True):
+            shaped = zip(pending.items(), probabilities, images, strict=True)
+            for (key, slots), row, image in shaped:
                 answer = self._shape(row, model)
+                answer[INPUT_FIELD] = input_digest(image)
                 fresh[key] = answer
                 for slot in slots:
                     results[slot] = answer
             self.cache.set_many(fresh)
         answered = [result for result in results if result is not None]
         assert len(answered) == len(uploads), "every upload gets an answer or an error"
-        self._count_answers(model, [item for item in answered if isinstance(item, dict)])
-        return answered
+        answers = self._deliver(
+            model, route, client, [item for item in answered if isinstance(item, dict)]
+        )
+        delivered = iter(answers)
+        return [next(delivered) if isinstance(item, dict) else item for item in answered]
 
-    def _count_answers(self, model: DigitModel, answers: list[Prediction]) -> None:
-        """Metrics per digit, confidence and version, and the guard's per-version counts."""
+    def _count_failure(self, model: DigitModel, route: Route, client: str, count: int) -> None:
+        """The guard compares error rates per version: a failing candidate is rolled back
+        (routed requests only: a pinned one is no evidence)."""
+        if route.routed:
+            self.router.observe(model.version, client, [], count)
+
+    def _deliver(
+        self, model: DigitModel, route: Route, client: str, answers: list[Prediction]
+    ) -> list[Prediction]:
+        """The answers as clients get them (each with its own `prediction_id`, the input
+        digest removed), counted in the metrics and, when routed, as the guard's evidence."""
         metrics.record_answers(answers, self.low_confidence_threshold)
-        if answers:
-            low = sum(item["probabilidad"] < self.low_confidence_threshold for item in answers)
-            self.router.observe(model.version, len(answers), low, 0)
+        now = time.time()
+        delivered: list[Prediction] = []
+        evidence: Evidence = []
+        for answer in answers:
+            shaped = {name: value for name, value in answer.items() if name != INPUT_FIELD}
+            digest = str(answer[INPUT_FIELD])
+            if self.ids is not None:
+                shaped["prediction_id"] = self.ids.issue(
+                    version=model.version,
+                    deployment=route.deployment,
+                    routed=route.routed,
+                    client=client,
+                    digest=digest,
+                    now=now,
+                )
+            delivered.append(shaped)
+            evidence.append((digest, shaped["probabilidad"] < self.low_confidence_threshold))
+        if evidence and route.routed:
+            self.router.observe(model.version, client, evidence)
+        return delivered
 
     def predict_pixels(
         self, images: np.ndarray, *, client: str = "", version: str | None = None
-    ) -> tuple[DigitModel, np.ndarray]:
-        """Probabilities (n, 10) for images already in MNIST form, and the model that answered.
+    ) -> tuple[DigitModel, np.ndarray, list[str]]:
+        """Probabilities (n, 10) for images already in MNIST form, the model that answered and
+        one prediction id per image (none without a signer).
 
         `images` is (n, 28, 28) float32 in [0, 1], light ink on black (the Open Inference
         Protocol's `pixels` input). No decoding, no preprocessing and no cache: hashing the
@@ -310,7 +378,7 @@ class PredictionService:
             try:
                 probabilities = model.predict(batch)
             except Exception:
-                self.router.observe(model.version, 0, 0, len(batch))  # the guard's error rate
+                self._count_failure(model, route, client, len(batch))
                 raise
             metrics.INFERENCE_SECONDS.labels(model_version=model.full_version).observe(
                 time.perf_counter() - started
@@ -320,18 +388,21 @@ class PredictionService:
             parts.append(probabilities)
         answered = np.concatenate(parts) if parts else np.zeros((0, NUM_CLASSES))
         digits = np.argmax(answered, axis=1)
-        self._count_answers(
+        delivered = self._deliver(
             model,
+            route,
+            client,
             [
                 {
                     "prediccion": int(digit),
                     "probabilidad": float(row[digit]),
                     "model_version": model.full_version,
+                    INPUT_FIELD: input_digest(image),
                 }
-                for digit, row in zip(digits, answered, strict=True)
+                for digit, row, image in zip(digits, answered, images, strict=True)
             ],
         )
-        return model, answered
+        return model, answered, [str(item.get("prediction_id", "")) for item in delivered]
 
     def _score_in_shadow(
         self, stable: DigitModel, version: str, batch: np.ndarray, answered: np.ndarray

@@ -31,6 +31,7 @@ from mnist_api.errors import BrokerUnavailable, DeadLettered, ServiceError
 from mnist_api.extensions import get_job_store, get_service, get_settings
 from mnist_api.job_store import local_results_folder
 from mnist_api.redis_clients import celery_tls_options
+from mnist_api.service import Route
 
 CELERY = "celery"
 PREDICT_UPLOAD = "mnist_api.predict_upload"
@@ -193,9 +194,18 @@ def _pause_for_tests() -> None:
         time.sleep(delay)  # TASK_DELAY_SECONDS: lets a test catch a task while it runs
 
 
-def _outcomes(sha256s: list[str], version: str | None = None) -> list[Outcome]:
+def _outcomes(
+    sha256s: list[str],
+    version: str | None = None,
+    *,
+    client: str = "",
+    routed: bool = False,
+    deployment: str = "",
+) -> list[Outcome]:
     """Predict the stored uploads with `version` (None: the deployment's choice); an expired
-    or bad upload becomes its error."""
+    or bad upload becomes its error. `client`, `routed` and `deployment` are the asking key,
+    whether the web dyno's deployment chose `version` and its id: what the answers' prediction
+    ids bind (a routed answer is evidence for the guard, a pinned one is not)."""
     uploads = get_job_store().get_uploads(sha256s)
     present = [data for data in uploads if data is not None]
     service = get_service()
@@ -203,7 +213,11 @@ def _outcomes(sha256s: list[str], version: str | None = None) -> list[Outcome]:
         # Queued by a web dyno with a version this (older) worker lacks: still answer.
         logger.warning("version {} is not installed on this worker; using the deployment", version)
         version = None
-    answers = iter(service.predict_many(present, version=version))
+    if version is None:
+        route = service.route_for(client)
+    else:
+        route = Route(version, routed=routed, deployment=deployment or service.router.deployment_id)
+    answers = iter(service.predict_many(present, client=client, route=route))
     outcomes: list[Outcome] = []
     for data in uploads:
         if data is None:
@@ -238,13 +252,20 @@ def predict_upload(
     sha256: str,
     request_id: str,
     version: str | None = None,
+    *,
+    client: str = "",
+    routed: bool = False,
+    deployment: str = "",
 ) -> Outcome:
-    """Predict one stored upload (queued by /predict_async) with the version chosen then."""
+    """Predict one stored upload (queued by /predict_async) with the version chosen then,
+    for the key `client` (routed: the deployment chose it)."""
     with logger.contextualize(request_id=request_id, task_id=self.request.id):
         _count_delivery(self)
         _pause_for_tests()
         _crash_for_tests(self, [sha256])
-        outcome = _outcomes([sha256], version)[0]
+        outcome = _outcomes([sha256], version, client=client, routed=routed, deployment=deployment)[
+            0
+        ]
         logger.info("task done", code=outcome.get("code"))
         return outcome
 

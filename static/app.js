@@ -28,9 +28,9 @@
   const feedbackError = $("feedback-error");
   const ctx = canvas.getContext("2d");
 
-  // The upload the last answer was about: feedback sends these same bytes, and names the
-  // version that answered, so the service scores exactly what the person judged.
-  let judged = null; // { blob, filename, predicted, modelVersion }
+  // The upload the last answer was about: feedback sends these same bytes with the answer's
+  // signed prediction_id, so the service credits exactly the answer the person judged.
+  let judged = null; // { blob, filename, predicted, modelVersion, predictionId }
 
   // ---- API key, kept in localStorage ----
 
@@ -307,7 +307,7 @@
       const body = new FormData();
       body.append("file", judged.blob, judged.filename);
       body.append("label", String(label));
-      body.append("model_version", judged.modelVersion);
+      body.append("prediction_id", judged.predictionId);
       const key = keyInput.value.trim();
       const response = await postWithTimeout("/feedback", { headers: { "x-api-key": key }, body });
       const data = await readJson(response);
@@ -394,6 +394,7 @@
           filename,
           predicted: data.prediccion,
           modelVersion: data.model_version || response.headers.get("X-Model-Version") || "",
+          predictionId: data.prediction_id || "",
         });
       } else showError(errorMessage(response, data, source));
     } catch (err) {

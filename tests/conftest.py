@@ -19,6 +19,7 @@ from tests.worker_process import Worker
 from tools.redis_server import RedisServer
 from tools.services import (
     API_KEYS,
+    TEST_SECRET_KEY,
     LiveServer,
     free_port,
     procfile_command,
@@ -45,6 +46,7 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
         log_level="WARNING",
         rate_limit="",
         database_url=database_url,
+        secret_key=TEST_SECRET_KEY,
     )
 
 
@@ -100,6 +102,7 @@ def start_worker(redis_server: RedisServer, tmp_path: Path) -> Iterator[Callable
         defaults = {
             "REDIS_URL": redis_server.url,
             "API_KEYS": ",".join(API_KEYS),
+            "SECRET_KEY": TEST_SECRET_KEY,
             "CELERY_CONCURRENCY": "1",
             "LOG_FORMAT": "json",
         }

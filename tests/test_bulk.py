@@ -304,7 +304,7 @@ def test_failed_and_late_tasks_become_error_codes(
     for n in range(4):  # two chunks of two
         (source / f"{n}.png").write_bytes(encode(as_paper(sample(n))) + b"chunks")
     poison = (source / "0.png").read_bytes()
-    env = {"REDIS_URL": redis_server.url, "API_KEYS": API_KEYS[0]}
+    env = {"REDIS_URL": redis_server.url, "API_KEYS": API_KEYS[0], "SECRET_KEY": "s"}
     options = ("--chunk-size", "2")
 
     # The first chunk kills its worker process each time: dead-lettered; the other scores.
@@ -323,7 +323,7 @@ def test_tasks_that_raise_or_time_out_become_error_codes(
     source.mkdir()
     for n in range(3):
         (source / f"{n}.png").write_bytes(encode(as_paper(sample(n))) + b"slow")
-    env = {"REDIS_URL": redis_server.url, "API_KEYS": API_KEYS[0]}
+    env = {"REDIS_URL": redis_server.url, "API_KEYS": API_KEYS[0], "SECRET_KEY": "s"}
     # Every task sleeps 3 s but may run 1 s: SoftTimeLimitExceeded, the task fails.
     start_worker(TASK_DELAY_SECONDS="3", TASK_SOFT_TIME_LIMIT="1", TASK_TIME_LIMIT="30")
     failed_out, late_out = tmp_path / "failed.csv", tmp_path / "late.csv"

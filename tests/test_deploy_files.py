@@ -536,6 +536,7 @@ def test_compose_config_resolves_and_requires_api_key() -> None:
             "(Debian package 'docker-compose'; no engine is needed for `config`)"
         )
     base = {k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "API_KEY"))}
+    base["SECRET_KEY"] = "compose-test-secret"  # required too; this test is about API_KEY
     base.pop("CELERY_CONCURRENCY", None)
     args = [*command, "--project-directory", ROOT, "-f", COMPOSE, "config"]
 
@@ -998,7 +999,7 @@ def test_slug_leaves_out_tests_docs_training_keras_tools_monitoring(
 
 
 def test_slug_keeps_what_the_procfile_processes_need(slug: dict[str, str]) -> None:
-    settings = Settings(api_keys=("k",), log_format="text", log_level="WARNING")
+    settings = Settings(api_keys=("k",), secret_key="s", log_format="text", log_level="WARNING")
     app = create_app(settings, load_model=False)
     needed = set(SLUG_NEEDS)
     needed |= {path for path in slug if path.startswith("mnist_api/")}

@@ -63,6 +63,7 @@ def deploy_app(two_versions: tuple[Path, str, str]) -> Iterator[APIFlask]:
     folder, stable, _ = two_versions
     settings = Settings(
         api_keys=API_KEYS,
+        secret_key="deployment-test-secret",
         admin_api_keys=(ADMIN,),
         models_dir=folder,
         default_model_version=stable,
@@ -225,7 +226,9 @@ def test_an_admin_key_is_also_an_api_key(api: FlaskClient) -> None:
 def test_without_admin_keys_configured_changes_are_403_with_what_to_set(
     two_versions: tuple[Path, str, str],
 ) -> None:
-    settings = Settings(api_keys=API_KEYS, models_dir=two_versions[0], log_format="text")
+    settings = Settings(
+        api_keys=API_KEYS, secret_key="s", models_dir=two_versions[0], log_format="text"
+    )
     application = create_app(settings, load_model=False)
     try:
         response = application.test_client().put(
@@ -306,6 +309,19 @@ def test_the_deployment_info_metric_follows_changes(
 # --- the choice per request ---
 
 
+KEYS = tuple(f"key{number}" for number in range(10))  # evidence needs EVIDENCE_MIN_KEYS (5)
+
+
+def observe_many(
+    router: DeploymentRouter, version: str, answers: int, low: int, keys: int = 10
+) -> None:
+    """`answers` routed answers of `version` (the first `low` low-confidence), each a new
+    input, spread over `keys` keys as honest traffic would be."""
+    for number in range(answers):
+        client = KEYS[number % keys]
+        router.observe(version, client, [(f"{version}-{number}", number < low)])
+
+
 def routed(router: DeploymentRouter, client: str = "k", count: int = 1000) -> Counter[str]:
     return Counter(router.route(client).answer for _ in range(count))
 
@@ -364,10 +380,14 @@ def test_the_bandit_sends_most_traffic_to_the_better_version(better: str) -> Non
     accuracy[good] = 0.95
     outcomes = random.Random(3)
     chosen = []
-    for _ in range(600):
+    for number in range(600):
         version = router.route("k").answer
         chosen.append(version)
-        router.record_feedback(version, outcomes.random() < accuracy[version])
+        router.record_feedback(
+            version, outcomes.random() < accuracy[version], client=KEYS[number % 10]
+        )
+        if number % 10 == 9:
+            router.sync()  # the background loop's refresh: the posteriors learn from it
     late = Counter(chosen[-200:])
     assert late[good] / 200 > 0.8, late
     # ... but never starves the other below min_share (5%), give or take chance.
@@ -386,9 +406,10 @@ def test_the_bandit_keeps_min_share_for_each_version() -> None:
             "guard": {"enabled": False},
         }
     )
-    for _ in range(300):
-        router.record_feedback("aaaaaaaaaaaa", True)
-        router.record_feedback("bbbbbbbbbbbb", False)
+    for number in range(300):
+        router.record_feedback("aaaaaaaaaaaa", True, client=KEYS[number % 10])
+        router.record_feedback("bbbbbbbbbbbb", False, client=KEYS[number % 10])
+    router.sync()
     share = routed(router, count=4000)["bbbbbbbbbbbb"] / 4000
     assert 0.17 < share < 0.23
 
@@ -434,8 +455,8 @@ def test_the_guard_rolls_back_once_with_a_reason() -> None:
     before = router.deployment
     counter = metrics.GUARD_ROLLBACKS.labels(signal="low_confidence")
     rollbacks = counter._value.get()
-    router.observe("aaaaaaaaaaaa", 200, 10, 0)
-    router.observe("mnist-cnn-int8-bbbbbbbbbbbb", 60, 50, 0)
+    observe_many(router, "aaaaaaaaaaaa", 200, 10)
+    observe_many(router, "mnist-cnn-int8-bbbbbbbbbbbb", 60, 50)
     router.sync()
     after = router.deployment
     assert (after.strategy, after.stable, after.candidate) == ("single", "aaaaaaaaaaaa", None)
@@ -447,9 +468,9 @@ def test_the_guard_rolls_back_once_with_a_reason() -> None:
     other = DeploymentRouter(router.manager)
     other.close()
     other.use(before)
-    other._synced = {
-        "aaaaaaaaaaaa": {"requests": 200},
-        "bbbbbbbbbbbb": {"requests": 60, "low_confidence": 50},
+    other._evidence = {
+        "aaaaaaaaaaaa": VersionStats(requests=200),
+        "bbbbbbbbbbbb": VersionStats(requests=60, low_confidence=50),
     }
     other._judge(before)
     assert len(router.manager.history(10)) == 2
@@ -460,17 +481,17 @@ def test_a_healthy_candidate_is_left_alone() -> None:
     router = router_with(
         {"strategy": "ab", "candidate": "bbbbbbbbbbbb", "guard": {"min_requests": 50}}
     )
-    router.observe("aaaaaaaaaaaa", 300, 15, 0)
-    router.observe("bbbbbbbbbbbb", 300, 18, 0)
+    observe_many(router, "aaaaaaaaaaaa", 300, 15)
+    observe_many(router, "bbbbbbbbbbbb", 300, 18)
     router.sync()
     assert router.deployment.strategy == "ab"
 
 
 def test_auto_promotion_is_off_by_default_and_promotes_on_enough_feedback() -> None:
     router = router_with({"strategy": "bandit", "candidate": "bbbbbbbbbbbb"})
-    for _ in range(300):
-        router.record_feedback("aaaaaaaaaaaa", random.random() < 0.9)
-        router.record_feedback("bbbbbbbbbbbb", True)
+    for number in range(300):
+        router.record_feedback("aaaaaaaaaaaa", random.random() < 0.9, client=KEYS[number % 10])
+        router.record_feedback("bbbbbbbbbbbb", True, client=KEYS[number % 10])
     router.sync()
     assert router.deployment.strategy == "bandit"  # AUTO_PROMOTE is off
     router.auto_promote = AutoPromote(enabled=True, min_feedback=200, probability=0.95)
@@ -599,7 +620,7 @@ def test_redis_down_fails_changes_with_503_and_keeps_serving(
     with pytest.raises(DeploymentStoreUnavailable) as raised:
         manager.apply({"strategy": "single"}, by="t")
     assert (raised.value.status, raised.value.code) == (503, "deployment_unavailable")
-    router.observe("bbbbbbbbbbbb", 3, 0, 0)
+    observe_many(router, "bbbbbbbbbbbb", 3, 0)
     router.sync()  # logs the outage, keeps everything
     assert router.route("k").shadow == "bbbbbbbbbbbb"
     redis_server.start()  # an empty Redis: the counters kept in the process arrive now
@@ -611,6 +632,7 @@ def test_put_with_the_store_down_is_503_deployment_unavailable(
 ) -> None:
     settings = Settings(
         api_keys=API_KEYS,
+        secret_key="deployment-test-secret",
         admin_api_keys=(ADMIN,),
         models_dir=two_versions[0],
         redis_url=f"redis://127.0.0.1:{free_port()}/0",  # nobody listens there
@@ -764,7 +786,11 @@ def test_an_unexpected_upload_error_counts_against_its_version(
         assert response.status_code == 500
     finally:
         model.predict = original
-    assert router._stats(router.deployment.id, bad).errors == 1
+    router.sync()
+    counts = router.manager.store.counts(router.deployment.id)
+    assert sum(fields.get("errors", 0) for fields in counts.values()) == 1
+    # One key's failure is no evidence yet (EVIDENCE_MIN_KEYS): the guard waits for more keys.
+    assert router._stats(router.deployment.id, bad).errors == 0
 
 
 def test_the_deployment_routes_count_against_the_per_key_rate_limit(
@@ -772,6 +798,7 @@ def test_the_deployment_routes_count_against_the_per_key_rate_limit(
 ) -> None:
     settings = Settings(
         api_keys=API_KEYS,
+        secret_key="deployment-test-secret",
         admin_api_keys=(ADMIN,),
         models_dir=two_versions[0],
         rate_limit="2/minute",
@@ -810,3 +837,45 @@ def test_deployment_settings_from_the_environment() -> None:
         Settings.from_env({"API_KEY": "k", "GUARD_MAX_ERROR_DELTA": "5"}).validate()
     with pytest.raises(ConfigError, match="GUARD_MIN_REQUESTS"):
         Settings.from_env({"GUARD_MIN_REQUESTS": "0"})
+
+
+# --- evidence (issue 21): routed answers only, each (key, input) once ---
+
+
+def test_repeats_of_one_input_by_one_key_count_once() -> None:
+    router = router_with({"strategy": "canary", "candidate": "bbbbbbbbbbbb"})
+    for _ in range(5):
+        router.observe("bbbbbbbbbbbb", "key0", [("digest-1", True), ("digest-1", True)])
+    router.observe("bbbbbbbbbbbb", "key1", [("digest-1", True)])  # another key: new evidence
+    router.sync()
+    counts = router.manager.store.counts(router.deployment.id)
+    assert counts["bbbbbbbbbbbb/key0"]["requests"] == 1
+    assert counts["bbbbbbbbbbbb/key1"]["requests"] == 1
+
+
+def test_pinned_answers_are_not_evidence(
+    deploy_app: APIFlask, two_versions: tuple[Path, str, str]
+) -> None:
+    router: DeploymentRouter = deploy_app.extensions[ROUTER]
+    manager: DeploymentManager = deploy_app.extensions[DEPLOYMENTS]
+    bad = two_versions[2]
+    router.use(
+        manager.apply({"strategy": "canary", "candidate": bad, "guard": {"enabled": False}}, by="t")
+    )
+    client = deploy_app.test_client()
+    for digit in range(4):
+        pinned = client.post(
+            f"/predict?model_version={bad}",
+            data={"file": (io.BytesIO(png_of(digit)), f"{digit}.png")},
+            headers=USER_HEADERS,
+        )
+        assert pinned.status_code == 200
+    router.sync()
+    assert router.manager.store.counts(router.deployment.id) == {}
+    routed = client.post(
+        "/predict", data={"file": (io.BytesIO(png_of(5)), "5.png")}, headers=USER_HEADERS
+    )
+    assert routed.status_code == 200
+    router.sync()
+    counts = router.manager.store.counts(router.deployment.id)
+    assert sum(fields.get("requests", 0) for fields in counts.values()) == 1

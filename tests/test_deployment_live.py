@@ -14,13 +14,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import requests
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.samples import as_paper, sample
+from tests.samples import as_paper, mnist_test_split, sample
 from tools.redis_server import RedisServer
 from tools.services import API_KEYS, LiveServer, free_port, start_web, stop
 
@@ -73,6 +74,18 @@ def unique_png(digit: int = 3) -> bytes:
     buffer = io.BytesIO()
     image: Image.Image = as_paper(sample(digit))
     image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def distinct_png(number: int) -> bytes:
+    """The `number`-th of many different inputs (test-split digits; one ink pixel changed
+    for each pass over the split): evidence counts each (key, normalised input) once."""
+    images, _ = mnist_test_split()
+    image = images[number % len(images)].copy()
+    brightest = int(np.argmax(image))
+    image.flat[brightest] = max(0, int(image.flat[brightest]) - 7 * (number // len(images)))
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
@@ -276,9 +289,12 @@ def test_the_guard_rolls_back_a_bad_candidate(
     wait_everywhere(server, changed["id"])
     deadline = time.monotonic() + 90
     current = deployment_seen(server)
+    number = 0
     while current["id"] == changed["id"] and time.monotonic() < deadline:
+        # Honest traffic: many keys, each image new (the guard counts evidence, not volume).
         for _ in range(10):
-            predict(server)
+            predict(server, KEYS[number % len(KEYS)], distinct_png(number))
+            number += 1
         current = deployment_seen(server)
     assert (current["strategy"], current["stable"], current["candidate"]) == (
         "single",

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import io
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from mnist_api.auth import key_fingerprint
 from mnist_api.config import Settings
 from mnist_api.extensions import CACHE, FEEDBACK, SERVICE
 from mnist_api.feedback import FeedbackStore, decode_input
+from mnist_api.prediction_ids import input_digest
 from mnist_api.preprocessing import preprocess
 from mnist_api.service import SingleRouter
 from mnist_api.tables import feedback
@@ -40,10 +42,45 @@ def digit_png(digit: int, size: int = 120) -> bytes:
     return encode(as_paper(sample(digit), size=size))
 
 
+AUTO = "auto"
+
+
+def signed_id(
+    application: APIFlask, data: bytes, key: str = API_KEYS[0], now: float | None = None
+) -> str:
+    """The prediction id the service would give `key` for `data` answered by stable (signed
+    with the app's own secret, without a /predict: rate-limit tests count every request)."""
+    service = application.extensions[SERVICE]
+    try:
+        digest = input_digest(preprocess(data))
+    except Exception:  # a bad upload: any valid id, the image's own error comes first
+        digest = input_digest(preprocess(digit_png(1)))
+    return str(
+        service.ids.issue(
+            version=service.router.stable,
+            deployment=service.router.deployment_id,
+            routed=True,
+            client=key_fingerprint(key),
+            digest=digest,
+            now=now,
+        )
+    )
+
+
 def post(
-    client: FlaskClient, data: bytes | None, label: Any, key: str = API_KEYS[0], **form: str
+    client: FlaskClient,
+    data: bytes | None,
+    label: Any,
+    key: str = API_KEYS[0],
+    prediction_id: str | None = AUTO,
 ) -> Any:
-    body: dict[str, Any] = dict(form)
+    """POST /feedback; `prediction_id` AUTO signs one for `data` and `key` as /predict would."""
+    body: dict[str, Any] = {}
+    if prediction_id == AUTO:
+        application = cast(APIFlask, client.application)
+        prediction_id = signed_id(application, data or digit_png(1), key)
+    if prediction_id is not None:
+        body["prediction_id"] = prediction_id
     if label is not None:
         body["label"] = label
     if data is not None:
@@ -100,18 +137,20 @@ def test_feedback_round_trip_and_replace(any_app: APIFlask) -> None:
         "/predict", data={"file": (io.BytesIO(image), "d.png")}, headers={"x-api-key": API_KEYS[0]}
     ).get_json()
 
-    first = post(client, image, "7", model_version=predicted["model_version"])
+    first = post(client, image, "7", prediction_id=predicted["prediction_id"])
     assert first.status_code == 201, first.get_json()
     body = first.get_json()
-    assert list(body) == ["feedback_id", "sha256", "label", "model_version", "predicted", "correct"]
+    assert list(body) == [
+        "feedback_id", "sha256", "input_digest", "label", "model_version", "predicted", "correct"
+    ]  # fmt: skip
     assert body["label"] == 7
     assert body["model_version"] == predicted["model_version"]
     assert body["predicted"] == predicted["prediccion"] == 7
     assert body["correct"] is True
     assert first.headers["X-Model-Version"] == predicted["model_version"]
 
-    # The same key, image and version again: the label is replaced (200), one row stays.
-    again = post(client, image, "1", model_version=predicted["model_version"])
+    # The same answer judged again: the label is replaced (200), one row stays.
+    again = post(client, image, "1", prediction_id=predicted["prediction_id"])
     assert again.status_code == 200
     assert again.get_json()["feedback_id"] == body["feedback_id"]
     assert again.get_json()["correct"] is False
@@ -130,7 +169,7 @@ def test_feedback_round_trip_and_replace(any_app: APIFlask) -> None:
     with store.engine.connect() as connection:
         row = connection.execute(select(feedback).where(feedback.c.id == body["feedback_id"])).one()
     assert row.key_fingerprint == key_fingerprint(API_KEYS[0])
-    assert row.sha256 == body["sha256"]
+    assert row.sha256 == body["input_digest"] == input_digest(preprocess(image))
     assert row.label == 1 and row.predicted == 7 and row.correct is False
     assert len(row.input) == 28 * 28 * 2
     assert np.allclose(decode_input(row.input), preprocess(image), atol=1e-3)
@@ -147,12 +186,60 @@ def test_feedback_round_trip_and_replace(any_app: APIFlask) -> None:
     assert confusion[7, 7] == 1 and confusion[1, 7] == 1 and confusion[3, 3] == 1
 
 
-def test_default_version_is_the_one_the_deployment_uses(any_app: APIFlask) -> None:
-    service = any_app.extensions[SERVICE]
-    answer = service.route_for(key_fingerprint(API_KEYS[0])).answer
-    response = post(any_app.test_client(), digit_png(2), "2")
+def test_the_version_credited_is_the_one_in_the_prediction_id(any_app: APIFlask) -> None:
+    client = any_app.test_client()
+    image = digit_png(2, size=97)
+    predicted = client.post(
+        "/predict", data={"file": (io.BytesIO(image), "d.png")}, headers={"x-api-key": API_KEYS[0]}
+    ).get_json()
+    response = post(client, image, "2", prediction_id=predicted["prediction_id"])
     assert response.status_code == 201
-    assert response.get_json()["model_version"].endswith(answer)
+    assert response.get_json()["model_version"] == predicted["model_version"]
+
+
+def test_same_pixels_in_other_bytes_count_once_per_key(app: APIFlask, client: FlaskClient) -> None:
+    """A PNG text chunk changes the bytes (and the SHA-256), not the pixels: one row."""
+    from PIL import PngImagePlugin  # noqa: PLC0415
+
+    before = stored_count(app)
+    picture = as_paper(sample(5), size=88)
+    statuses = []
+    for nonce in range(3):
+        info = PngImagePlugin.PngInfo()
+        info.add_text("nonce", str(nonce))
+        out = io.BytesIO()
+        picture.save(out, "PNG", pnginfo=info)
+        statuses.append(post(client, out.getvalue(), "4").status_code)
+    assert statuses == [201, 200, 200]
+    assert stored_count(app) == before + 1
+
+
+def test_prediction_id_errors_are_400_and_nothing_is_stored(
+    app: APIFlask, client: FlaskClient
+) -> None:
+    image, other = digit_png(6, size=93), digit_png(0, size=93)
+    valid = signed_id(app, image)
+    expired = signed_id(
+        app, image, now=time.time() - app.extensions[SERVICE].ids.max_age_seconds - 5
+    )
+    text, _, mac = valid.partition(".")
+    forged = text[:-2] + ("A" if text[-2] != "A" else "B") + text[-1] + "." + mac
+    before = stored_count(app)
+    cases = [
+        (None, API_KEYS[0], image, "invalid_prediction_id"),  # missing
+        ("", API_KEYS[0], image, "invalid_prediction_id"),
+        ("not-an-id", API_KEYS[0], image, "invalid_prediction_id"),
+        (forged, API_KEYS[0], image, "invalid_prediction_id"),
+        (expired, API_KEYS[0], image, "invalid_prediction_id"),
+        (valid, API_KEYS[1], image, "invalid_prediction_id"),  # issued to another key
+        (valid, API_KEYS[0], other, "prediction_mismatch"),  # another image
+    ]
+    for prediction_id, key, data, code in cases:
+        response = post(client, data, "6", key=key, prediction_id=prediction_id)
+        assert response.status_code == 400, (prediction_id, response.get_json())
+        assert response.get_json()["code"] == code
+    assert stored_count(app) == before
+    assert post(client, image, "6", prediction_id=valid).status_code == 201
 
 
 @pytest.mark.parametrize(
@@ -194,11 +281,8 @@ def test_bad_image_gets_the_predict_error_and_nothing_is_stored(
     assert stored_count(app) == before
 
 
-def test_unknown_version_is_404_and_no_key_is_401(app: APIFlask, client: FlaskClient) -> None:
+def test_no_key_is_401(app: APIFlask, client: FlaskClient) -> None:
     before = stored_count(app)
-    response = post(client, digit_png(1), "1", model_version="0123456789ab")
-    assert response.status_code == 404
-    assert response.get_json()["code"] == "model_not_found"
     unauthorized = client.post("/feedback", data={"label": "1"})
     assert unauthorized.status_code == 401
     assert client.get("/feedback/stats").status_code == 401
@@ -232,7 +316,9 @@ class FeedbackRouter(SingleRouter):
         super().__init__(version)
         self.judgements: list[tuple[str, bool]] = []
 
-    def record_feedback(self, version: str, correct: bool) -> None:
+    def record_feedback(
+        self, version: str, correct: bool, *, client: str = "", deployment: str = ""
+    ) -> None:
         self.judgements.append((version, correct))
 
 
@@ -281,7 +367,7 @@ def test_sqlite_unusable_is_503_and_readyz_says_down(settings: Settings, tmp_pat
     application = create_app(settings.replace(database_url=f"sqlite:///{blocker / 'feedback.db'}"))
     client = application.test_client()
     response = post(client, digit_png(5), "5")
-    assert response.status_code == 503
+    assert response.status_code == 503, response.get_json()
     assert response.get_json()["code"] == "feedback_unavailable"
     assert client.get("/feedback/stats", headers={"x-api-key": API_KEYS[0]}).status_code == 503
     ready = client.get("/readyz")
@@ -378,3 +464,40 @@ def test_migrations_build_exactly_the_tables_the_code_uses(
             assert compare_metadata(MigrationContext.configure(connection), metadata) == []
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_async_and_batch_answers_carry_ids_for_the_asking_key(
+    app: APIFlask, client: FlaskClient, cached: bool
+) -> None:
+    """A task's result (computed by the task, or cached when it was queued) and each entry
+    of a batch: their prediction ids judge those answers for the key that asked."""
+    image = digit_png(3, size=141 + cached)
+    headers = {"x-api-key": API_KEYS[1]}
+    if cached:
+        client.post("/predict", data={"file": (io.BytesIO(image), "d.png")}, headers=headers)
+    accepted = client.post(
+        "/predict_async", data={"file": (io.BytesIO(image), "d.png")}, headers=headers
+    )
+    assert accepted.status_code == 202, accepted.get_json()
+    status = client.get(accepted.get_json()["status_url"], headers=headers).get_json()
+    assert status["state"] == "SUCCESS", status
+    result = status["result"]
+    assert result["cached"] is cached
+    assert (
+        post(client, image, "3", key=API_KEYS[0], prediction_id=result["prediction_id"]).get_json()[
+            "code"
+        ]
+        == "invalid_prediction_id"
+    )
+    judged = post(client, image, "3", key=API_KEYS[1], prediction_id=result["prediction_id"])
+    assert judged.status_code in (200, 201), judged.get_json()
+    batch = client.post(
+        "/predict/batch",
+        data={"files": [(io.BytesIO(image), "a.png"), (io.BytesIO(digit_png(8)), "b.png")]},
+        headers=headers,
+    ).get_json()
+    first, second = batch["predictions"]
+    assert first["prediction_id"] and second["prediction_id"]
+    again = post(client, image, "3", key=API_KEYS[1], prediction_id=first["prediction_id"])
+    assert again.status_code == 200  # the same key, pixels and version: the label is replaced

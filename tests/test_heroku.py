@@ -101,6 +101,7 @@ def test_web_and_worker_as_heroku_runs_them(redis_server: RedisServer, tmp_path:
     env = venv_env(
         REDIS_URL=redis_server.url,
         API_KEY=API_KEYS[0],
+        SECRET_KEY="heroku-test-secret",
         WEB_CONCURRENCY="2",
         CELERY_CONCURRENCY="1",
         RATE_LIMIT="off",
@@ -186,7 +187,7 @@ def test_deployed_requirements_fit_a_heroku_slug(tmp_path: Path) -> None:
         [str(python), "-c", "import api"],
         cwd=PROJECT_ROOT,
         check=True,
-        env={**venv_env(API_KEY="k"), "PATH": f"{target / 'bin'}:/usr/bin:/bin"},
+        env={**venv_env(API_KEY="k", SECRET_KEY="s"), "PATH": f"{target / 'bin'}:/usr/bin:/bin"},
         timeout=60,
     )
     size_mb = int(

@@ -211,9 +211,14 @@ def test_holdout_is_the_newest_and_never_trained_on() -> None:
     keys = [f"k{i % 4}" for i in range(36)] + ["late"] * 4
     shas = [f"{i % 36:064x}" for i in range(40)]  # the last 4 judge images 0-3 again
     split = split_feedback(rows(keys, shas=shas), 4000, FeedbackRules(holdout_fraction=0.25))
-    assert len(split.holdout_labels) == 10
-    # Held out: the 10 newest (rows 30-39); rows 0-3 share their images and are dropped.
-    assert len(split.train_labels) == 30 - 4
+    # Held out: the newest quarter of each key's examples (rounded half up): rows 28-35 (two
+    # of each k-key's nine) and row 39 ("late": one of four), so no key can fill the holdout.
+    assert len(split.holdout_labels) == 9
+    assert sorted(split.holdout_fingerprints.tolist()) == sorted(
+        ["k0", "k1", "k2", "k3"] * 2 + ["late"]
+    )
+    # Row 3 shows image 3 again, which row 39 holds out: never trained on.
+    assert len(split.train_labels) == 40 - 9 - 1
 
 
 def test_same_key_and_image_counts_once_newest_label_wins() -> None:

@@ -4,6 +4,7 @@ with the rest of the API (keys, cache, metrics, limits, body size, errors, /open
 from __future__ import annotations
 
 import base64
+import io
 import json
 import struct
 from dataclasses import dataclass
@@ -336,10 +337,18 @@ class ShadowRouter:
     def roles(self) -> dict[str, str]:
         return {self.answer: "stable", self.shadow: "candidate"}
 
-    def observe(self, version: str, answered: int, low_confidence: int, errors: int) -> None:
+    @property
+    def deployment_id(self) -> str:
+        return ""
+
+    def observe(
+        self, version: str, client: str, answers: list[tuple[str, bool]], errors: int = 0
+    ) -> None:
         return None
 
-    def record_feedback(self, version: str, correct: bool) -> None:
+    def record_feedback(
+        self, version: str, correct: bool, *, client: str = "", deployment: str = ""
+    ) -> None:
         return None
 
 
@@ -353,7 +362,7 @@ def test_pixels_are_scored_in_the_shadow_when_the_deployment_says_so(
     plain = service.router
     service.router = ShadowRouter(version, version)
     try:
-        model, probabilities = service.predict_pixels(grey / np.float32(255), client="abc")
+        model, probabilities, _ = service.predict_pixels(grey / np.float32(255), client="abc")
     finally:
         service.router = plain
     after = client.get("/metrics").get_data(as_text=True)
@@ -515,3 +524,48 @@ def test_the_documented_example_answers(client: FlaskClient, auth: dict[str, str
     assert output(document, "digit")["data"] == [7]
     (best, *_) = output(document, "probabilities")["data"]
     assert best.endswith(":7")
+
+
+# --- prediction ids (issue 21) ---
+
+
+def test_infer_answers_carry_prediction_ids_that_feedback_takes(
+    client: FlaskClient, auth: dict[str, str]
+) -> None:
+    files = users_uploads(3)
+    response = client.post(INFER, json=image_request(files), headers=auth)
+    assert response.status_code == 200, response.get_data(as_text=True)
+    document = response.get_json()
+    ids = document["parameters"]["prediction_ids"]
+    assert len(ids) == 3 and len(set(ids)) == 3
+    digits = output(document, "digit")["data"]
+    judged = client.post(
+        "/feedback",
+        data={
+            "prediction_id": ids[1],
+            "label": str(digits[1]),
+            "file": (io.BytesIO(files[1]), "1.png"),
+        },
+        headers=auth,
+        content_type="multipart/form-data",
+    )
+    assert judged.status_code in (200, 201), judged.get_json()
+    assert judged.get_json()["predicted"] == digits[1]
+    mismatched = client.post(
+        "/feedback",
+        data={"prediction_id": ids[0], "label": "1", "file": (io.BytesIO(files[2]), "2.png")},
+        headers=auth,
+        content_type="multipart/form-data",
+    )
+    assert_contract_error(mismatched, 400, "prediction_mismatch")
+    pixels = client.post(
+        INFER,
+        json={
+            "inputs": [
+                {"name": "pixels", "datatype": "UINT8", "shape": [2, 28, 28],
+                 "data": np.stack([sample(3), sample(4)]).reshape(-1).tolist()}
+            ]
+        },
+        headers=auth,
+    )  # fmt: skip
+    assert len(pixels.get_json()["parameters"]["prediction_ids"]) == 2

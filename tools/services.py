@@ -20,6 +20,8 @@ import requests
 from mnist_api.config import PROJECT_ROOT
 
 API_KEYS = ("test-key-one", "test-key-two")
+# Signs prediction ids in tests only (production refuses to start without SECRET_KEY).
+TEST_SECRET_KEY = "test-secret-key-not-for-production"
 
 
 def free_port() -> int:
@@ -133,6 +135,7 @@ def start_web(tmp_dir: Path, app: str = "api:app", **env: str) -> LiveServer:
     defaults = {
         "PORT": str(port),
         "API_KEYS": ",".join(API_KEYS),
+        "SECRET_KEY": TEST_SECRET_KEY,
         "WEB_CONCURRENCY": "2",
         "LOG_FORMAT": "json",
         "LOG_LEVEL": "INFO",

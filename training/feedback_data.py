@@ -4,8 +4,13 @@ the gate, and weigh it so that a few hundred examples matter and no key outvotes
 Rules (stated here once, recorded in the report):
 - One example per (key fingerprint, image SHA-256): a key judging the same upload for two
   versions gave one label for one image; its newest label wins.
-- The newest `holdout_fraction` of those examples (by time) is held out for gate (b); the
-  challenger never trains on them, nor on any other example of the same image.
+- The newest `holdout_fraction` of each key's examples (by time) is held out for gate (b); the
+  challenger never trains on them, nor on any other example of the same image. The holdout
+  is capped per key like the training weight: no key weighs more than `max_key_share`
+  (EVIDENCE_MAX_SHARE_PER_KEY, 0.2) of its accuracy (a key over the cap weighs cap / n per
+  example), and a holdout from fewer than `min_keys` (EVIDENCE_MIN_KEYS, 5) keys decides
+  nothing: gate (b) is not evaluated and gate (a) must then be beaten, as after a plain
+  retrain. One key (or k colluding keys) moves the holdout accuracy by at most 0.2 (k * 0.2).
 - Each training example weighs `feedback_weight` base samples (10), but one key fingerprint
   weighs at most `per_key_cap` examples in all (50): a key with n > cap examples gets
   cap / n per example. A flood from one key is worth 50 examples, not n.
@@ -16,11 +21,12 @@ Rules (stated here once, recorded in the report):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from mnist_api.evidence import holdout_weights, key_cap
 from mnist_api.feedback import FeedbackRows, FeedbackStore
 
 NPZ_FIELDS = ("images", "labels", "predicted", "versions", "key_fingerprints", "sha256", "times")
@@ -35,6 +41,8 @@ class FeedbackRules:
     feedback_weight: float = 10.0
     per_key_cap: float = 50.0
     max_feedback_share: float = 0.5
+    max_key_share: float = 0.2  # EVIDENCE_MAX_SHARE_PER_KEY: of the holdout's accuracy
+    min_keys: int = 5  # EVIDENCE_MIN_KEYS: a holdout from fewer keys decides nothing
 
 
 def read_database(url: str) -> FeedbackRows:
@@ -91,6 +99,11 @@ class FeedbackSplit:
     rows: int  # as stored
     keys: int
     plain: bool  # too little feedback: a plain retrain
+    # Per held-out example: its weight in the holdout accuracy (capped per key).
+    holdout_weights: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    holdout_keys: int = 0
+    holdout_fingerprints: np.ndarray = field(default_factory=lambda: np.zeros(0, str))
+    holdout_evidence: bool = False  # enough keys, each capped: gate (b) may decide
 
     def describe(self, rules: FeedbackRules) -> str:
         """One sentence for the log and the report."""
@@ -99,11 +112,18 @@ class FeedbackSplit:
                 f"plain retrain: only {self.examples} feedback examples ({self.rows} rows), fewer "
                 f"than {rules.min_examples}; the feedback is not used"
             )
+        held = (
+            f"the newest {len(self.holdout_labels)} held out for gate (b) "
+            f"({self.holdout_keys} keys, each at most {rules.max_key_share:.0%} of it)"
+            if self.holdout_evidence
+            else f"the newest {len(self.holdout_labels)} held out, from {self.holdout_keys} "
+            f"keys: too few to decide (at least {rules.min_keys}, each at most "
+            f"{rules.max_key_share:.0%}), so gate (b) is not evaluated"
+        )
         return (
             f"{self.rows} feedback rows from {self.keys} keys -> {self.examples} examples: "
             f"{len(self.train_labels)} trained on (total weight "
-            f"{self.train_weights.sum():.0f} base samples), the newest {len(self.holdout_labels)} "
-            "held out for gate (b)"
+            f"{self.train_weights.sum():.0f} base samples), {held}"
         )
 
 
@@ -132,8 +152,7 @@ def split_feedback(rows: FeedbackRows, base_samples: int, rules: FeedbackRules) 
         return FeedbackSplit(
             empty, none, np.zeros(0), empty, none, len(chosen), len(rows), keys, plain=True
         )
-    holdout_count = max(1, round(len(chosen) * rules.holdout_fraction))
-    held, trained = chosen[-holdout_count:], chosen[:-holdout_count]
+    held, trained = newest_per_key(rows, chosen, rules.holdout_fraction)
     # Never train on an image that is in the holdout (another key may have judged it too).
     held_images = set(rows.sha256[held].tolist())
     trained = np.array([i for i in trained if rows.sha256[i] not in held_images], dtype=np.int64)
@@ -141,6 +160,11 @@ def split_feedback(rows: FeedbackRows, base_samples: int, rules: FeedbackRules) 
     limit = rules.max_feedback_share * base_samples
     if weights.sum() > limit:
         weights = weights * (limit / weights.sum())
+    held_keys = [str(key) for key in rows.key_fingerprints[held]]
+    per_key = holdout_weights(held_keys, rules.max_key_share)
+    distinct = len(per_key)
+    counts = {key: held_keys.count(key) for key in per_key}
+    evidence = distinct >= rules.min_keys and key_cap(counts.values(), rules.max_key_share) > 0
     return FeedbackSplit(
         train_images=rows.images[trained],
         train_labels=rows.labels[trained],
@@ -151,4 +175,30 @@ def split_feedback(rows: FeedbackRows, base_samples: int, rules: FeedbackRules) 
         rows=len(rows),
         keys=keys,
         plain=False,
+        holdout_weights=np.array([per_key[key] for key in held_keys], dtype=np.float64),
+        holdout_keys=distinct,
+        holdout_fingerprints=rows.key_fingerprints[held],
+        holdout_evidence=evidence,
     )
+
+
+def newest_per_key(
+    rows: FeedbackRows, chosen: np.ndarray, fraction: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """(held, trained): the newest `fraction` of each key's examples (rounded half up; at
+    least one example overall), and the rest, both in time order.
+
+    Per key, not overall: a key that sent the newest thousand labels would otherwise be the
+    whole holdout, and the gate would be decided by it alone."""
+    by_key: dict[str, list[int]] = {}
+    for index in chosen:  # `chosen` is in time order
+        by_key.setdefault(str(rows.key_fingerprints[index]), []).append(int(index))
+    held_set: set[int] = set()
+    for indices in by_key.values():
+        count = int(len(indices) * fraction + 0.5)
+        held_set.update(indices[len(indices) - count :] if count else [])
+    if not held_set and len(chosen):
+        held_set.add(int(chosen[-1]))
+    held = np.array([i for i in chosen if int(i) in held_set], dtype=np.int64)
+    trained = np.array([i for i in chosen if int(i) not in held_set], dtype=np.int64)
+    return held, trained

@@ -31,6 +31,8 @@ class Scores:
 
     labels: np.ndarray
     predicted: np.ndarray
+    # Per sample (the feedback holdout: capped per key); None: every sample weighs 1.
+    weights: np.ndarray | None = None
 
     @property
     def count(self) -> int:
@@ -39,8 +41,13 @@ class Scores:
 
     @property
     def accuracy(self) -> float:
-        """Top-1 accuracy (NaN on an empty set)."""
-        return float(np.mean(self.labels == self.predicted)) if self.count else math.nan
+        """Top-1 accuracy, weighted when the samples have weights (NaN on an empty set)."""
+        if not self.count:
+            return math.nan
+        right = (self.labels == self.predicted).astype(np.float64)
+        if self.weights is None or not self.weights.sum():
+            return float(np.mean(right))
+        return float(np.average(right, weights=self.weights))
 
 
 @dataclass

@@ -124,6 +124,8 @@ def run(args: argparse.Namespace) -> int:
     stable = registry.get(args.stable or stable_version(settings, registry))
     stable.load()
     rules = FeedbackRules(
+        max_key_share=settings.evidence_max_share_per_key,
+        min_keys=settings.evidence_min_keys,
         holdout_fraction=args.holdout_fraction,
         min_examples=args.min_feedback,
         feedback_weight=args.feedback_weight,
@@ -149,7 +151,9 @@ def run(args: argparse.Namespace) -> int:
     holdout_stable = None
     if not feedback.plain:
         holdout_stable = reporting.Scores(
-            feedback.holdout_labels, challenger_model.predictions(stable, feedback.holdout_images)
+            feedback.holdout_labels,
+            challenger_model.predictions(stable, feedback.holdout_images),
+            feedback.holdout_weights,
         )
 
     model, how = challenger_model.starting_model(models_dir / stable.version, args.from_scratch)
@@ -218,9 +222,15 @@ def _gate_install_propose(
         result.holdout_challenger = reporting.Scores(
             feedback.holdout_labels,
             challenger_model.predictions(candidate, feedback.holdout_images),
+            feedback.holdout_weights,
         )
     float_accuracy = challenger_model.float_accuracy(model, test_images, y_test)
-    result.gates = gates(args, result, float_accuracy, feedback.plain)
+    if feedback.plain or feedback.holdout_evidence:
+        result.gates = gates(args, result, float_accuracy, feedback.plain)
+    else:  # a holdout from too few keys decides nothing: gated as a plain retrain
+        result.gates = gates(
+            args, result, float_accuracy, True, f"n/a: holdout from {feedback.holdout_keys} keys"
+        )
     if (models_dir / candidate.version).exists():
         result.gates.append(
             reporting.Gate("new", "not installed already", False, "the same model is installed")
@@ -252,7 +262,11 @@ def _gate_install_propose(
 
 
 def gates(
-    args: argparse.Namespace, result: reporting.Report, float_accuracy: float, plain: bool
+    args: argparse.Namespace,
+    result: reporting.Report,
+    float_accuracy: float,
+    plain: bool,
+    no_holdout: str = "n/a: too little feedback",
 ) -> list[reporting.Gate]:
     """The quantisation gate, gate (a) and gate (b), evaluated."""
     assert result.test_challenger is not None
@@ -274,9 +288,7 @@ def gates(
                 f"stable {test_s:.4f}, challenger {test_c:.4f}",
             )
         )
-        found.append(
-            reporting.Gate("(b) feedback", "n/a: too little feedback", True, "not evaluated")
-        )
+        found.append(reporting.Gate("(b) feedback", no_holdout, True, "not evaluated"))
         return found
     found.append(
         reporting.Gate(

@@ -87,6 +87,7 @@ def predict_batch() -> dict[str, Any]:
     route = service.route_for(_client(), _pinned_version())
     results = service.predict_many(
         uploads.read_batch(request, settings.batch_max_files),
+        client=_client(),
         route=route,
         along=rate_limits.pending(),
     )

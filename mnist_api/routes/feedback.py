@@ -11,10 +11,11 @@ from flask import g, request
 
 from mnist_api import metrics, schemas, uploads
 from mnist_api.auth import api_key_auth
-from mnist_api.errors import InvalidLabel
+from mnist_api.errors import InvalidLabel, InvalidPredictionId, PredictionMismatch
 from mnist_api.extensions import get_feedback_store, get_service
 from mnist_api.feedback import FeedbackEntry
 from mnist_api.model import MODEL_NAME
+from mnist_api.prediction_ids import input_digest
 from mnist_api.schemas import documents_upload
 
 bp = APIBlueprint("feedback", __name__, tag="Feedback")
@@ -29,8 +30,11 @@ def _json(schema: str, description: str) -> dict[str, str | dict[str, dict[str, 
 
 
 FEEDBACK_RESPONSES: Responses = {
-    200: _json("FeedbackResult", "Replaced this key's earlier label for this image and version"),
-    400: _json("Error", "invalid_label, missing_file or invalid_image"),
+    200: _json("FeedbackResult", "Replaced this key's earlier label for this input and version"),
+    400: _json(
+        "Error",
+        "invalid_label, invalid_prediction_id, prediction_mismatch, missing_file or invalid_image",
+    ),
     401: _json("Error", "unauthorized"),
     404: _json("Error", "model_not_found"),
     413: _json("Error", "payload_too_large or image_too_large"),
@@ -59,12 +63,13 @@ def _client() -> str:
 @bp.doc(
     summary="Tell the service which digit an image really was",
     description=(
-        "Multipart `file` (the image that was predicted, as for /predict), `label` (the right "
-        "digit, 0-9) and optionally `model_version` (the version whose answer is judged; "
-        "default: the one the current deployment would use for this key). The image is "
-        "scored again by that version; its normalised 28x28 input, SHA-256, the label and the "
-        "prediction are stored (never the upload itself). 201 when new; 200 when this key "
-        "already judged this image and version, whose label it replaces."
+        "Multipart `prediction_id` (from the answer being judged), `label` (the right digit, "
+        "0-9) and `file` (the same image, as for /predict). The version credited is the one "
+        "in the prediction_id. 400 `invalid_prediction_id` when it is missing, altered, "
+        "expired or issued to another key; 400 `prediction_mismatch` when the image's "
+        "normalised input is not the one that was answered. Its normalised 28x28 input, the "
+        "label and the prediction are stored (never the upload itself). 201 when new; 200 "
+        "when this key already judged these pixels for this version: the label is replaced."
     ),
     responses=FEEDBACK_RESPONSES,
 )
@@ -72,16 +77,25 @@ def _client() -> str:
 def post_feedback() -> tuple[dict[str, Any], int]:
     """Store the right label for an answer, replacing this key's earlier one."""
     label = parse_label(request.form.get("label"))
-    data = uploads.read_single(request)
-    version = request.form.get("model_version") or request.args.get("model_version") or None
     service = get_service()
     client = _client()
-    model, image, probabilities = service.score_for_feedback(data, client=client, version=version)
+    if service.ids is None:
+        raise InvalidPredictionId()  # unreachable in the app: create_app always signs
+    answered = service.ids.verify(request.form.get("prediction_id", "").strip(), client)
+    data = uploads.read_single(request)
+    model, image, probabilities = service.score_for_feedback(
+        data, client=client, version=answered.version
+    )
+    digest = input_digest(image)
+    if digest != answered.input_digest:
+        raise PredictionMismatch()
     predicted = int(np.argmax(probabilities))
     sha256 = hashlib.sha256(data).hexdigest()
     entry = FeedbackEntry(
         key_fingerprint=client,
-        sha256=sha256,
+        # The store's per-key row is per normalised input, not per upload: the same pixels
+        # in other bytes (a PNG with another text chunk) judge the same answer again.
+        sha256=digest,
         model_version=model.version,
         label=label,
         predicted=predicted,
@@ -93,24 +107,21 @@ def post_feedback() -> tuple[dict[str, Any], int]:
         # A replaced label is not a new judgement: counting it again would let one key
         # move the accuracy (and the bandit) by repeating itself.
         metrics.record_feedback(model.full_version, entry.correct)
-        _tell_router(model.version, entry.correct)
+        if answered.routed:  # a pinned answer is not evidence for the deployment
+            get_service().router.record_feedback(
+                model.version, entry.correct, client=client, deployment=answered.deployment
+            )
     g.model_version = model.full_version
     body = {
         "feedback_id": recorded.feedback_id,
         "sha256": sha256,
+        "input_digest": digest,
         "label": label,
         "model_version": model.full_version,
         "predicted": predicted,
         "correct": entry.correct,
     }
     return body, 201 if recorded.created else 200
-
-
-def _tell_router(version: str, correct: bool) -> None:
-    """Feed the deployment (bandit posteriors, guard) when its router takes feedback."""
-    record = getattr(get_service().router, "record_feedback", None)
-    if record is not None:
-        record(version, correct)
 
 
 @bp.get("/feedback/stats")

@@ -202,7 +202,7 @@ def _infer(model_name: str, version: str | None) -> Response:
     )
     service = get_service()
     if parsed.pixels is not None:
-        model, probabilities = service.predict_pixels(
+        model, probabilities, ids = service.predict_pixels(
             parsed.pixels, client=_client(), version=version
         )
         digits = np.argmax(probabilities, axis=1)
@@ -217,10 +217,11 @@ def _infer(model_name: str, version: str | None) -> Response:
             answers.append(result)
         model = service.registry.get(answers[0]["model_version"])
         probabilities = np.array([answer["probabilities"] for answer in answers])
+        ids = [str(answer.get("prediction_id", "")) for answer in answers]
         digits = np.array([answer["prediccion"] for answer in answers])
     g.model_version = model.full_version
     body, headers = protocol.build_response(
-        parsed, probabilities, digits, model_version=model.version
+        parsed, probabilities, digits, model_version=model.version, prediction_ids=ids
     )
     return Response(body, headers=headers)
 
