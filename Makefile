@@ -9,7 +9,7 @@ API_KEY ?= dev-key
 # ... and a development admin key, so the deployment routes can be tried locally.
 ADMIN_API_KEY ?= dev-admin-key
 
-.PHONY: run test lint model retrain soak bench system-deps clean
+.PHONY: run test lint check-vendor model retrain soak bench system-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,8 +40,12 @@ lint: $(VENV)/.dev-installed
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-## test: static analysis, then the whole pytest suite
-test: system-deps lint
+## check-vendor: the page's vendored runtime (static/vendor/) equals its npm packages byte for byte
+check-vendor: $(VENV)/.dev-installed
+	$(BIN)/python -m tools.check_vendor
+
+## test: static analysis, the vendored files against npm, then the whole pytest suite
+test: system-deps lint check-vendor
 	$(BIN)/python -m pytest
 
 ## soak: the load and fault tests in full (a 2-minute soak at concurrency 32, large uploads mixed in); prints peak RSS per worker and Redis memory
