@@ -22,7 +22,8 @@ def index() -> Response:
     # An ETag, so the service worker's revalidation of an unchanged page costs a 304.
     response.add_etag()
     response.headers["Cache-Control"] = "no-cache"
-    return response.make_conditional(request)
+    response.make_conditional(request)
+    return response
 
 
 @bp.get("/sw.js")
