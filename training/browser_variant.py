@@ -32,7 +32,7 @@ from ai_edge_litert.interpreter import Interpreter
 from tensorflow.lite.python import schema_py_generated as schema
 from tensorflow.lite.tools import flatbuffer_utils
 
-from mnist_api.model import DigitModel
+from mnist_api.model import DigitModel, softmax
 from training.evaluate import printed_suite
 
 TFLITE_FILE = "mnist_cnn_int8.tflite"
@@ -43,6 +43,7 @@ BROWSER_RUNTIME = "@litertjs/core 2.5.3 (WebAssembly, CPU)"
 # Operator versions for float32 <-> int8 (TFLite's op versioning: 2 is the int8 kernel).
 QUANTIZE_VERSION = 2
 DEQUANTIZE_VERSION = 2
+MAX_PROBABILITY_GAP = 0.02
 
 
 def _opcode_index(model: Any, builtin: int, version: int) -> int:
@@ -115,35 +116,35 @@ def float_io_variant(int8_model: bytes) -> bytes:
 
 
 def check_variant(version_dir: Path, images: np.ndarray) -> float:
-    """Run both files on `images`; raise unless the digits agree. Returns the largest logit gap.
+    """Run both files on `images`; raise unless they agree. Returns the largest probability gap.
 
     The browser variant's float output is the int8 model's dequantized logits, computed by
-    the same kernels, so the gap is float32 rounding (plus the rare input tie that the
-    QUANTIZE op rounds away from zero where NumPy rounds to even).
+    the same kernels, so the two agree to float32 rounding, except where an input pixel
+    falls exactly halfway between two int8 steps: the QUANTIZE op rounds it away from zero
+    where the server (NumPy) rounds to even, which can move a logit by one step. Hence the
+    tolerance (the page's own parity test holds the same bar: 99.5% and 0.02).
     """
     server = DigitModel(version_dir / TFLITE_FILE)
     server.load()
-    assert server.output_spec is not None
     interpreter = Interpreter(model_path=str(version_dir / BROWSER_FILE), num_threads=1)
     interpreter.allocate_tensors()
     [inp] = interpreter.get_input_details()
     [out] = interpreter.get_output_details()
     if inp["dtype"] != np.float32 or out["dtype"] != np.float32:
         raise ValueError("the browser variant must take and give float32")
-    gap = 0.0
+    gap, disagree = 0.0, 0
     for image in images:
         interpreter.set_tensor(inp["index"], image.reshape(inp["shape"]).astype(np.float32))
         interpreter.invoke()
-        logits = interpreter.get_tensor(out["index"]).astype(np.float64)[0]
+        probabilities = softmax(interpreter.get_tensor(out["index"]).astype(np.float64))[0]
         expected = server.predict(image[None])[0]
-        if int(np.argmax(logits)) != int(np.argmax(expected)):
-            raise ValueError(f"{version_dir.name}: browser variant disagrees with the server")
-        # Compare logits: the server's are recovered from its probabilities up to a constant.
-        server_logits = np.log(np.maximum(expected, 1e-30))
-        server_logits -= server_logits.max()
-        own = logits - logits.max()
-        top = expected > 1e-6
-        gap = max(gap, float(np.abs(own[top] - server_logits[top]).max()))
+        disagree += int(np.argmax(probabilities) != np.argmax(expected))
+        gap = max(gap, float(np.abs(probabilities - expected).max()))
+    if disagree > 0.005 * len(images) or gap > MAX_PROBABILITY_GAP:
+        raise ValueError(
+            f"{version_dir.name}: the browser variant disagrees with the server "
+            f"({disagree} of {len(images)} digits, probability gap {gap:.4f})"
+        )
     return gap
 
 
@@ -188,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         entry = write_browser_variant(version_dir)
         gap = check_variant(version_dir, images)
         add_to_card(version_dir, entry)
-        print(f"{version_dir}: {BROWSER_FILE} {entry['size_bytes']} bytes, logit gap {gap:.2e}")
+        size = entry["size_bytes"]
+        print(f"{version_dir}: {BROWSER_FILE} {size} bytes, probability gap {gap:.2e}")
     return 0
 
 
