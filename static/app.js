@@ -219,8 +219,9 @@
           store(MODEL_STORAGE, info ? JSON.stringify(info) : "");
           return info;
         }
-        if (response.status === 401) return null;
-      } catch {
+        if (response.status === 401) throw new Error("the API key was not accepted");
+      } catch (err) {
+        if (!(err instanceof TypeError)) throw err; // a refused key, not a lost connection
         /* offline: the remembered model */
       }
     }
