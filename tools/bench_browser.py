@@ -61,7 +61,7 @@ class BrowserRow:
         return [
             (
                 f"first visit downloads <= {FIRST_VISIT_BUDGET_MB:.0f} MB",
-                f"{mb:.2f} MB ({self.first_visit_api_bytes} of them API answers)",
+                f"{mb:.2f} MB ({self.first_visit_api_bytes} bytes of them API answers)",
                 mb <= FIRST_VISIT_BUDGET_MB,
             ),
             (
