@@ -11,7 +11,7 @@ ADMIN_API_KEY ?= dev-admin-key
 # Signs prediction ids; a development value for `make run` only (production requires SECRET_KEY).
 SECRET_KEY ?= dev-secret-key
 
-.PHONY: run test lint model retrain soak bench system-deps clean
+.PHONY: run test lint check-vendor model retrain soak bench system-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,8 +42,12 @@ lint: $(VENV)/.dev-installed
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-## test: static analysis, then the whole pytest suite
-test: system-deps lint
+## check-vendor: the page's vendored runtime (static/vendor/) equals its npm packages byte for byte
+check-vendor: $(VENV)/.dev-installed
+	$(BIN)/python -m tools.check_vendor
+
+## test: static analysis, the vendored files against npm, then the whole pytest suite
+test: system-deps lint check-vendor
 	$(BIN)/python -m pytest
 
 ## soak: the load and fault tests in full (a 2-minute soak at concurrency 32, large uploads mixed in); prints peak RSS per worker and Redis memory

@@ -9,8 +9,9 @@ user-style and other-writers suites of `training.evaluate`.
 Everything is written to a staging folder beside `--models-dir` first; only when the gate and
 the evaluation passed is the folder renamed, in one atomic step, to `models/<version>/`
 (`<version>`: first 12 hex digits of the .tflite's SHA-256), holding `mnist_cnn_int8.tflite`,
-`model_card.json` and the float source `mnist_cnn.keras`. A failed gate leaves `models/`
-exactly as it was.
+its browser variant `mnist_cnn_browser.tflite` (float32 in and out around the same int8 graph,
+for the page's on-device prediction), `model_card.json` and the float source `mnist_cnn.keras`.
+A failed gate leaves `models/` exactly as it was.
 
     python quantize_model.py                   # build/model/mnist_cnn.keras -> models/<version>/
     python quantize_model.py --keras /tmp/smoke/mnist_cnn.keras --models-dir /tmp/smoke/models \\
@@ -43,6 +44,7 @@ import tensorflow as tf
 
 from mnist_api.model import MODEL_NAME, DigitModel, file_sha256
 from training.augment import augment_mnist, mnist_canvas
+from training.browser_variant import check_variant, write_browser_variant
 from training.data import (
     DATA_SOURCE,
     SPLIT_EXPRESSION,
@@ -299,6 +301,8 @@ def main() -> int:
             "runtime": f"ai-edge-litert {package_version('ai-edge-litert')}, 1 thread",
             "statistic": "median over repeats, DigitModel.predict, ms per image",
         }
+        browser = write_browser_variant(staging)
+        check_variant(staging, val_images[:200])
         assert digit_model.input_spec is not None and digit_model.output_spec is not None
         card = {
             "name": MODEL_NAME,
@@ -345,6 +349,9 @@ def main() -> int:
                 "evaluation": "training.evaluate suites: user_style, printed, other_writers",
             },
             "preprocessing": PREPROCESSING,
+            # The page's copy (float32 edges around this same int8 graph): see
+            # training/browser_variant.py; checked against the int8 file on validation.
+            "browser": browser,
             "training": training,
             "created": datetime.date.today().isoformat(),
         }

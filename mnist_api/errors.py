@@ -155,6 +155,15 @@ class ModelNotFound(ServiceError):
     message = "No model version with this id is installed; GET /models lists them."
 
 
+class BrowserModelNotFound(ServiceError):
+    status = 404
+    code = "browser_model_not_found"
+    message = (
+        "This model version has no browser variant (or its file does not match its model "
+        "card); predict on the server with POST /predict instead."
+    )
+
+
 class InvalidDeployment(ServiceError):
     status = 400
     code = "invalid_deployment"

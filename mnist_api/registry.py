@@ -13,6 +13,7 @@ switching between them at runtime costs nothing.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mnist_api.config import ConfigError
-from mnist_api.errors import ModelNotFound
+from mnist_api.errors import BrowserModelNotFound, ModelNotFound
 from mnist_api.model import MODEL_NAME, DigitModel
 
 TFLITE_FILE = "mnist_cnn_int8.tflite"
@@ -30,6 +31,39 @@ VERSION_LENGTH = 12
 
 class RegistryError(ConfigError):
     """The models folder holds no usable version, or a folder disagrees with its file."""
+
+
+@dataclass(frozen=True)
+class BrowserModel:
+    """A version's browser variant (float32 edges around its int8 graph), for the page."""
+
+    path: Path
+    sha256: str
+    size_bytes: int
+
+    def url(self, version: str) -> str:
+        """Where the page fetches it (with its API key)."""
+        return f"/models/{version}/browser-model"
+
+
+def _browser_model(folder: Path, card: dict[str, Any]) -> BrowserModel | None:
+    """The variant the card lists, if its file is there and hashes to the card's SHA-256.
+
+    A file that does not match its card is not offered at all: the page would refuse it
+    anyway, and the server must not vouch for bytes the card does not describe.
+    """
+    entry = card.get("browser")
+    if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
+        return None
+    path = folder / Path(entry["file"]).name  # a card cannot point outside its folder
+    try:
+        content = path.read_bytes()
+    except OSError:
+        return None
+    sha256 = hashlib.sha256(content).hexdigest()
+    if sha256 != entry.get("sha256"):
+        return None
+    return BrowserModel(path, sha256, len(content))
 
 
 def is_version_dir(path: Path) -> bool:
@@ -58,6 +92,8 @@ class ModelRegistry:
     # Versions whose card says they were installed to be tried as a candidate (a retrained
     # challenger): never the stable version by default, only once promoted.
     proposed: set[str] = field(default_factory=set)
+    # Each version's browser variant, found when the versions load (None: it has none).
+    browser: dict[str, BrowserModel | None] = field(default_factory=dict)
 
     @classmethod
     def discover(cls, models_dir: Path) -> ModelRegistry:
@@ -89,6 +125,7 @@ class ModelRegistry:
                     f"folder {name} holds model {model.version}: the folder name must be the "
                     "first 12 hex digits of the .tflite's SHA-256"
                 )
+            self.browser[name] = _browser_model(model.model_path.parent, model.card)
 
     @property
     def ready(self) -> bool:
@@ -134,6 +171,14 @@ class ModelRegistry:
             raise ModelNotFound()
         return model
 
+    def browser_model(self, version: str) -> BrowserModel:
+        """The browser variant of `version`; `ModelNotFound` or `BrowserModelNotFound`."""
+        model = self.get(version)
+        found = self.browser.get(model.version)
+        if found is None:
+            raise BrowserModelNotFound()
+        return found
+
     def describe(self, roles: dict[str, str] | None = None) -> list[dict[str, Any]]:
         """What `GET /models` lists: one entry per version with its role, oldest first."""
         roles = roles or {}
@@ -144,9 +189,17 @@ class ModelRegistry:
                 "created": model.card.get("created", ""),
                 "metrics": model.card.get("metrics", {}),
                 "role": roles.get(model.version),
+                "browser_model": self._describe_browser(model.version),
             }
             for model in self.models.values()
         ]
+
+    def _describe_browser(self, version: str) -> dict[str, Any] | None:
+        """Where the page gets the version's browser variant, and the SHA-256 to check."""
+        found = self.browser.get(version)
+        if found is None:
+            return None
+        return {"url": found.url(version), "sha256": found.sha256, "size_bytes": found.size_bytes}
 
 
 def _read_card(card_path: Path) -> dict[str, Any]:

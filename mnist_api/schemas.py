@@ -149,6 +149,14 @@ class ModelInfo(Schema):
     cache = String(required=True, metadata={"description": "cache backend: redis or memory"})
 
 
+class BrowserModelEntry(Schema):
+    """Where a version's browser variant is served and the SHA-256 the page checks."""
+
+    url = String(required=True, metadata={"example": "/models/fe5e4f4d480b/browser-model"})
+    sha256 = String(required=True)
+    size_bytes = Integer(required=True)
+
+
 class ModelEntry(Schema):
     """One installed version."""
 
@@ -160,6 +168,12 @@ class ModelEntry(Schema):
         required=True,
         allow_none=True,
         metadata={"description": "stable, candidate, or null (installed, not deployed)"},
+    )
+    browser_model = Nested(
+        BrowserModelEntry,
+        required=True,
+        allow_none=True,
+        metadata={"description": "the page's copy of this version, or null if it has none"},
     )
 
 

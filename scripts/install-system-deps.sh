@@ -3,6 +3,7 @@
 # Chromium (the page), redis-server (cache, broker), promtool (monitoring rules), openssl,
 # wrk (the benchmark), PostgreSQL (the feedback store's server tests; its binaries live in
 # /usr/lib/postgresql/<version>/bin, not on PATH).
+# npm: `make check-vendor` compares the page's vendored runtime with its npm package.
 # docker-compose (Debian's v1): `docker-compose config` checks docker-compose.yml, no engine needed.
 set -euo pipefail
 
@@ -13,6 +14,7 @@ command -v promtool >/dev/null 2>&1 || packages+=(prometheus)
 command -v openssl >/dev/null 2>&1 || packages+=(openssl)
 command -v wrk >/dev/null 2>&1 || packages+=(wrk)
 command -v docker-compose >/dev/null 2>&1 || packages+=(docker-compose)
+command -v npm >/dev/null 2>&1 || packages+=(npm)
 compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || packages+=(postgresql)
 
 if [ ${#packages[@]} -eq 0 ]; then

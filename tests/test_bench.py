@@ -48,6 +48,9 @@ def test_short_benchmark_writes_its_table_and_chart(tmp_path: Path) -> None:
     floor_rows = [line for line in http_table.splitlines() if line.startswith("| floor: ")]
     assert len(floor_rows) == 6  # the floor's upload and bare route at 3 concurrencies
     assert "280x280 miss >= 1.0x the floor" in text and "<= 2x the bare route's" in text
+    # The browser row (issue 24): the four budgets of on-device prediction.
+    browser = text.split("## In the browser (on-device prediction)", 1)[1]
+    assert "first visit downloads <= 15 MB" in browser and "each later answer <= 50 ms" in browser
     if len(ModelRegistry.discover(PROJECT_ROOT / "models").versions()) > 1:
         assert "| predict 28x28 miss, shadow | 8 |" in http_table
         assert "shadow adds <= one interpreter call per miss" in text

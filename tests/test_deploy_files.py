@@ -1014,7 +1014,9 @@ def test_slug_keeps_what_the_procfile_processes_need(slug: dict[str, str]) -> No
         assert files, f"no tracked file in {inside}"
         needed |= files
     for model in ModelRegistry.discover(settings.models_dir):  # every installed version
-        for path in (model.model_path, model.card_path):
+        # ... with its browser variant, which the page downloads for on-device prediction.
+        browser = model.model_path.parent / "mnist_cnn_browser.tflite"
+        for path in (model.model_path, model.card_path, browser):
             assert path is not None
             needed.add(path.resolve().relative_to(ROOT).as_posix())
     for entry in ("api", "make_celery", "gunicorn.conf", "mnist_api.release_check"):

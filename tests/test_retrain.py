@@ -7,6 +7,7 @@ it, on a small subset for one short epoch, against a temporary copy of the model
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -133,6 +134,9 @@ def test_retrain_installs_a_better_challenger_from_feedback(
     )
     for name in ("mnist_cnn_int8.tflite", "mnist_cnn.keras", "retrain_report.md"):
         assert (folder / name).is_file()
+    # The page's copy, listed with its own SHA-256 (the service offers it to the page).
+    browser = (folder / card["browser"]["file"]).read_bytes()
+    assert card["browser"]["sha256"] == hashlib.sha256(browser).hexdigest()
     report = (tmp_path / "report" / "retrain_report.md").read_text()
     assert "accepted" in report and folder.name in report
     png = (tmp_path / "report" / "retrain_report.png").read_bytes()

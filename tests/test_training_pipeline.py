@@ -38,7 +38,12 @@ CARD_FIELDS = {
     "training",
     "created",
 }
-VERSION_FILES = {"mnist_cnn_int8.tflite", "model_card.json", "mnist_cnn.keras"}
+VERSION_FILES = {
+    "mnist_cnn_int8.tflite",
+    "mnist_cnn_browser.tflite",  # the page's copy: float32 edges around the same int8 graph
+    "model_card.json",
+    "mnist_cnn.keras",
+}
 QUANTIZE_SMOKE = ("--subset", "100", "--calibration-samples", "50", "--latency-repeats", "8")
 
 
@@ -118,6 +123,9 @@ def test_card_describes_the_file(installed: Path) -> None:
     assert card["size_bytes"] == len(tflite)
     assert card["name"] == "mnist-cnn-int8"
     assert card["output"] == "logits"
+    browser = (installed / card["browser"]["file"]).read_bytes()
+    assert card["browser"]["sha256"] == hashlib.sha256(browser).hexdigest()
+    assert card["browser"]["size_bytes"] == len(browser)
     assert card["input_dtype"] == "int8"
     assert card["labels"] == list(range(10))
     assert set(card["quantization"]) == {"input", "output"}

@@ -75,7 +75,14 @@ def test_models_lists_every_version_with_its_role(
     assert [entry["version"] for entry in entries] == registry.versions()
     stable = app.extensions[SERVICE].router.stable
     for entry in entries:
-        assert set(entry) == {"model_version", "version", "created", "metrics", "role"}
+        assert set(entry) == {
+            "model_version",
+            "version",
+            "created",
+            "metrics",
+            "role",
+            "browser_model",
+        }
         assert entry["model_version"] == f"mnist-cnn-int8-{entry['version']}"
         assert entry["role"] == ("stable" if entry["version"] == stable else None)
 

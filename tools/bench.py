@@ -38,6 +38,7 @@ from PIL import Image
 from mnist_api.config import PROJECT_ROOT, Settings
 from mnist_api.preprocessing import preprocess
 from mnist_api.registry import ModelRegistry
+from tools import bench_browser
 from tools.load import rss_kib
 from tools.redis_server import RedisServer
 from tools.services import API_KEYS, LiveServer, free_port, start_web, stop
@@ -121,6 +122,8 @@ class Report:
     shadow_extra_ms: list[float] = field(default_factory=list)
     # Worker CPU ms per request in each floor round, by what ran (see `breakdown`).
     floor_cpu: dict[str, list[float]] = field(default_factory=dict)
+    # On-device prediction in headless Chromium (issue 24): bytes, first answer, per answer.
+    browser: bench_browser.BrowserRow | None = None
 
 
 def digit_png(size: int) -> bytes:
@@ -412,6 +415,9 @@ def run_benchmark(seconds: float, tmp: Path, max_attempts: int = MAX_ATTEMPTS) -
         report.rss_mb = {pid: rss_kib(pid) / 1024 for pid in pids}
         measure_floor(report, server.url, floor, scenarios, body_files, pids, seconds, tmp)
         measure_shadow(report, server.url, scenarios[1], body_files, pids, seconds, max_attempts)
+        # Last, on the same service: the browser row needs no load generator.
+        report.browser = bench_browser.measure(server.url, server.api_key)
+        print("\n".join(report.browser.markdown()), flush=True)
     finally:
         stop(floor.process)
         stop(server.process)
@@ -834,6 +840,8 @@ def write_markdown(report: Report, path: Path, seconds: float, command: str) -> 
         ]
         lines += [f"| {layer} | {ms:.2f} |" for layer, ms in breakdown(report)]
         lines += ["", gap_summary(report)]
+    if report.browser is not None:
+        lines += ["", *report.browser.markdown()]
     path.write_text("\n".join(lines) + "\n")
 
 

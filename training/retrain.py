@@ -41,6 +41,7 @@ from mnist_api.proposals import Proposal, propose_candidate, stable_version
 from mnist_api.registry import CARD_FILE, TFLITE_FILE, ModelRegistry
 from training import challenger as challenger_model
 from training import report as reporting
+from training.browser_variant import write_browser_variant
 from training.data import (
     DATA_SOURCE,
     SPLIT_EXPRESSION,
@@ -241,6 +242,8 @@ def _gate_install_propose(
     proposal = Proposal(candidate.version, args.strategy, args.candidate_share)
     card = model_card(args, candidate, tflite, stable, result, float_accuracy, feedback, plan)
     card["proposed"] = proposal.card_entry()
+    # The page's copy of the new version: float32 edges around the same int8 graph.
+    card["browser"] = write_browser_variant(staging)
     card["training"]["seconds"] = round(time.monotonic() - started)
     (staging / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
     challenger_model.without_optimizer(model).save(staging / challenger_model.KERAS_FILE)

@@ -1,4 +1,5 @@
-"""The keyed API: /predict, /predict/batch, /predict_async, /tasks, /model and /models."""
+"""The keyed API: /predict, /predict/batch, /predict_async, /tasks, /model, /models and the
+browser variant of each version (/models/<version>/browser-model)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import json
 from typing import Any
 
 from apiflask import APIBlueprint
-from flask import Response, g, request, url_for
+from apiflask.schemas import FileSchema
+from flask import Response, g, request, send_file, url_for
 
 from mnist_api import rate_limits, schemas, uploads
 from mnist_api.auth import api_key_auth
@@ -166,3 +168,35 @@ def model_info() -> dict[str, Any]:
 def models() -> dict[str, Any]:
     """Every installed version, oldest first, with `role` stable, candidate or null."""
     return {"models": get_registry().describe(get_service().router.roles())}
+
+
+@bp.get("/models/<model_version>/browser-model")
+@bp.auth_required(api_key_auth)
+@bp.output(FileSchema, content_type="application/octet-stream")
+@bp.doc(
+    summary="The browser variant of a version (for on-device prediction in the page)",
+    description=(
+        "The `.tflite` the page runs with LiteRT.js: the version's own int8 graph with a "
+        "float32 input and output. `X-Model-SHA256` (and the ETag) carry the SHA-256 from "
+        "the model card; the page checks the bytes against it before use."
+    ),
+    responses=[401, 404, 429],
+)
+def browser_model(model_version: str) -> Response:
+    """The file, with its SHA-256; 404 when the version or its variant is missing."""
+    registry = get_registry()
+    found = registry.browser_model(model_version)
+    version = registry.get(model_version).version
+    response = send_file(
+        found.path,
+        mimetype="application/octet-stream",
+        download_name=f"mnist-cnn-int8-{version}-browser.tflite",
+        etag=found.sha256,
+        conditional=True,
+        max_age=0,
+    )
+    # Keyed content: no shared cache may keep it; the page's service worker keeps its copy.
+    response.headers["Cache-Control"] = "private, no-cache"
+    response.headers["X-Model-SHA256"] = found.sha256
+    response.headers["X-Model-Version"] = registry.get(model_version).full_version
+    return response
