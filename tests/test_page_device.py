@@ -452,7 +452,9 @@ def test_feedback_on_a_device_answer_goes_through_the_servers_answer(
     device_page.on("request", lambda r: sent.append(r.url) if r.method == "POST" else None)
     with device_page.expect_response(lambda r: r.url.endswith("/feedback")) as feedback:
         device_page.click("#feedback-yes")
-    assert feedback.value.status == 201
+    # 201, or 200 when this drawing was already judged by this key on the shared live server
+    # (the same pixels count once per key: judging again replaces the label).
+    assert feedback.value.status in (200, 201)
     answer = feedback.value.json()
     assert (answer["model_version"], answer["predicted"], answer["label"]) == (model, 7, 7)
     # First the server's own answer for that version (its prediction_id), then the feedback.
