@@ -6,6 +6,7 @@ from typing import Any
 
 from apiflask import APIFlask
 from loguru import logger
+from sqlalchemy import Engine
 
 from mnist_api import (
     cors,
@@ -18,8 +19,10 @@ from mnist_api import (
 )
 from mnist_api.cache import CacheHooks, build_cache
 from mnist_api.config import PROJECT_ROOT, Settings
-from mnist_api.deployment_manager import DeploymentManager
+from mnist_api.db import build_engine
+from mnist_api.deployment_manager import DeploymentManager, guard_defaults
 from mnist_api.deployment_router import AutoPromote, DeploymentRouter
+from mnist_api.deployment_store import SqlDeploymentStore
 from mnist_api.feedback import FeedbackStore
 from mnist_api.job_store import build_job_store
 from mnist_api.jobs import JobService
@@ -68,7 +71,11 @@ def create_app(settings: Settings | None = None, *, load_model: bool = True) -> 
     )
     app.extensions[extensions.CACHE] = cache
     return_large_blocks_to_os()  # so the decode budget bounds the worker's real memory
-    router = _deployment_router(app, settings, registry)
+    # One pool for the feedback and the deployment (both in DATABASE_URL). It connects
+    # lazily: a database that is down costs /feedback and admin changes a 503, never the
+    # start, and the workers keep serving the deployment they last read.
+    engine = build_engine(settings.database_url, settings.database_timeout_seconds)
+    router = _deployment_router(app, settings, registry, engine)
     service = app.extensions[extensions.SERVICE] = PredictionService(
         registry,
         limits_from(settings),
@@ -84,10 +91,7 @@ def create_app(settings: Settings | None = None, *, load_model: bool = True) -> 
         celery_init_app(app, settings),
         max_upload_bytes=settings.async_max_upload_bytes,
     )
-    # Connects lazily: a database that is down costs /feedback a 503, never the start.
-    app.extensions[extensions.FEEDBACK] = FeedbackStore.from_url(
-        settings.database_url, settings.database_timeout_seconds
-    )
+    app.extensions[extensions.FEEDBACK] = FeedbackStore(engine)
 
     cors.init_app(app, settings.cors_origins)
     request_context.init_app(app)
@@ -128,11 +132,14 @@ def create_app(settings: Settings | None = None, *, load_model: bool = True) -> 
 
 
 def _deployment_router(
-    app: APIFlask, settings: Settings, registry: ModelRegistry
+    app: APIFlask, settings: Settings, registry: ModelRegistry, engine: Engine
 ) -> DeploymentRouter:
-    """The deployment (Redis with REDIS_URL, else the process) and this worker's router."""
-    manager = DeploymentManager.from_settings(
-        settings, registry.versions(), registry.default_version(settings.default_model_version)
+    """The deployment (in the database) and this worker's router."""
+    manager = DeploymentManager(
+        SqlDeploymentStore(engine),
+        tuple(registry.versions()),
+        registry.default_version(settings.default_model_version),
+        guard_defaults(settings),
     )
     app.extensions[extensions.DEPLOYMENTS] = manager
     router = DeploymentRouter(

@@ -1,10 +1,10 @@
 """The deployment in each worker: per-request choice of the version, and a background loop.
 
 The hot path (`route`, `observe`, `record_feedback`) only reads the deployment object this
-process holds and adds to in-process counters: no Redis round trip per request. A daemon
+process holds and adds to in-process counters: no database round trip per request. A daemon
 thread, every `DEPLOYMENT_REFRESH_SECONDS` (1 s by default):
 
-1. flushes the counters to the store (one pipelined HINCRBY per version and field);
+1. flushes the counters to the store (one transaction of upserts per version and field);
 2. reads the stored deployment and switches to it if its id changed (so a change made on any
    worker or dyno, or by the CLI, is in force everywhere within a couple of seconds);
 3. reads the deployment's counts summed over every worker (the bandit's posteriors and the
@@ -12,8 +12,9 @@ thread, every `DEPLOYMENT_REFRESH_SECONDS` (1 s by default):
 4. runs the guard (and auto-promotion when enabled); the change is a compare-and-set on the
    deployment id, so when several workers decide at once exactly one writes it.
 
-When the store fails, the process keeps serving with the last deployment it knew, keeps its
-counters for the next flush, and logs the outage once. A stored deployment that names a
+When the store (the database) fails, the process keeps serving with the last deployment it
+read, keeps its counters for the next flush, logs the outage once, and says so in /readyz
+(`"deployment": "stale"`). A stored deployment that names a
 version this process does not have installed (a dyno running older code) is served as
 well as it can be: stable if installed, else the default version, without the candidate;
 logged once per deployment.
@@ -152,6 +153,11 @@ class DeploymentRouter:
             self._pending[(*key, "feedback")] += 1
             if correct:
                 self._pending[(*key, "correct")] += 1
+
+    def store_status(self) -> str:
+        """For /readyz: "ok" when the last read of the store worked; "stale" when the store is
+        down and this worker serves the deployment it last read."""
+        return "stale" if self._store_down else "ok"
 
     # --- keeping up with the store ---
 

@@ -175,6 +175,13 @@ class Readiness(Schema):
         required=True,
         metadata={"description": "feedback store: ok (server), sqlite (embedded file) or down"},
     )
+    deployment = String(
+        required=True,
+        metadata={
+            "description": "ok, or stale: the database is down and this worker serves the "
+            "deployment it last read"
+        },
+    )
 
 
 class TaskAccepted(Schema):
