@@ -5,7 +5,7 @@
 # no test or training tools.
 #
 #   docker build -t mnist-api .
-#   docker run --rm -p 8000:8000 -e API_KEY=change-me mnist-api
+#   docker run --rm -p 8000:8000 -e API_KEY=change-me -e SECRET_KEY=change-me-too mnist-api
 FROM python:3.11.7-slim
 
 # PROXY_FIX_X_FOR=0: `docker run -p` puts no proxy in front, so X-Forwarded-For is the

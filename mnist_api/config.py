@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +72,28 @@ def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in env.get(name, "").split(",") if item.strip())
 
 
+# An admin's name in `ADMIN_API_KEYS=name:key,...`: what the deployment history shows.
+_ADMIN_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,31}")
+
+
+def _admin_keys(env: Mapping[str, str]) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+    """ADMIN_API_KEYS: the admin keys, and (key, name) for the entries written `name:key`.
+
+    An entry is `name:key` when what comes before its first ':' is a name (a letter, then up
+    to 31 letters, digits, '_', '.', '-'); any other entry is a plain key (kept working).
+    """
+    keys: list[str] = []
+    names: list[tuple[str, str]] = []
+    for entry in _list(env, "ADMIN_API_KEYS"):
+        name, colon, key = entry.partition(":")
+        if colon and key and _ADMIN_NAME.fullmatch(name):
+            keys.append(key)
+            names.append((key, name))
+        else:
+            keys.append(entry)
+    return tuple(keys), tuple(names)
+
+
 def _has_model_version(models_dir: Path) -> bool:
     """A cheap look (no model import here: gunicorn's master reads this module)."""
     return models_dir.is_dir() and any(
@@ -130,6 +153,11 @@ class Settings:
     low_confidence_threshold: float = 0.6
     # Deployments (issue 12): admin keys may change the deployment; they are API keys too.
     admin_api_keys: tuple[str, ...] = ()
+    # (key, name) of the admin keys given as `name:key`: the history names them so.
+    admin_names: tuple[tuple[str, str], ...] = ()
+    # Signs and keys what must not be guessable from outside (an unnamed admin's fingerprint
+    # in the deployment history); required like API_KEY. Never logged, never shown.
+    secret_key: str = ""
     deployment_refresh_seconds: float = 1.0  # how often a worker re-reads the deployment
     guard_min_requests: int = 200
     guard_max_low_confidence_delta: float = 0.10
@@ -154,6 +182,7 @@ class Settings:
         """Read settings from `env` (default: the process environment)."""
         env = os.environ if env is None else env
         keys = _list(env, "API_KEYS") or _list(env, "API_KEY")
+        admin_keys, admin_names = _admin_keys(env)
         return cls(
             api_keys=keys,
             models_dir=Path(_text(env, "MODELS_DIR", str(cls.models_dir))),
@@ -197,7 +226,9 @@ class Settings:
             low_confidence_threshold=_float(
                 env, "LOW_CONFIDENCE_THRESHOLD", cls.low_confidence_threshold
             ),
-            admin_api_keys=_list(env, "ADMIN_API_KEYS"),
+            admin_api_keys=admin_keys,
+            admin_names=admin_names,
+            secret_key=env.get("SECRET_KEY", "").strip(),
             deployment_refresh_seconds=_float(
                 env, "DEPLOYMENT_REFRESH_SECONDS", cls.deployment_refresh_seconds
             ),
@@ -267,4 +298,10 @@ class Settings:
             raise ConfigError(
                 f"MODELS_DIR ({self.models_dir}) holds no model version folder "
                 "(<version>/mnist_cnn_int8.tflite); run `make model` or set MODELS_DIR."
+            )
+        if not self.secret_key:
+            raise ConfigError(
+                "No SECRET_KEY is configured: set SECRET_KEY to a long random secret (e.g. "
+                "`openssl rand -hex 32`) before starting the service; it keys what clients "
+                "must not be able to guess or forge."
             )

@@ -19,6 +19,7 @@ from tests.worker_process import Worker
 from tools.redis_server import RedisServer
 from tools.services import (
     API_KEYS,
+    TEST_SECRET_KEY,
     LiveServer,
     free_port,
     procfile_command,
@@ -41,6 +42,7 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     db.upgrade(database_url)
     return Settings(
         api_keys=API_KEYS,
+        secret_key=TEST_SECRET_KEY,
         log_format="text",
         log_level="WARNING",
         rate_limit="",

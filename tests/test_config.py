@@ -62,7 +62,12 @@ def test_factory_refuses_a_missing_model(tmp_path: Path) -> None:
 
 def test_factory_refuses_an_uninstalled_default_version() -> None:
     with pytest.raises(ConfigError, match="DEFAULT_MODEL_VERSION"):
-        create_app(Settings(api_keys=("k",), default_model_version="0123456789ab"))
+        create_app(Settings(api_keys=("k",), secret_key="s", default_model_version="0123456789ab"))
+
+
+def test_factory_refuses_to_start_without_a_secret_key() -> None:
+    with pytest.raises(ConfigError, match="SECRET_KEY"):
+        create_app(Settings(api_keys=("k",)))
 
 
 def test_factory_builds_an_app(settings: Settings) -> None:

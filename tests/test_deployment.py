@@ -8,6 +8,7 @@ gunicorn with two workers is in tests/test_deployment_live.py.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import random
@@ -24,6 +25,7 @@ from apiflask import APIFlask
 from flask.testing import FlaskClient
 
 from mnist_api import create_app, db, metrics
+from mnist_api.auth import admin_identity
 from mnist_api.config import PROJECT_ROOT, ConfigError, Settings
 from mnist_api.deployment import Deployment, GuardSettings, ab_position
 from mnist_api.deployment_manager import DeploymentManager
@@ -38,7 +40,7 @@ from mnist_api.guard import (
     worse_beyond_margin,
 )
 from tests.samples import as_paper, encode, sample
-from tools.services import API_KEYS, free_port, venv_env
+from tools.services import API_KEYS, TEST_SECRET_KEY, free_port, venv_env
 
 ADMIN = "admin-key-for-tests"
 ADMIN_HEADERS = {"x-api-key": ADMIN}
@@ -78,6 +80,7 @@ def deploy_app(
     folder, stable, _ = two_versions
     settings = Settings(
         api_keys=API_KEYS,
+        secret_key=TEST_SECRET_KEY,
         admin_api_keys=(ADMIN,),
         models_dir=folder,
         default_model_version=stable,
@@ -153,8 +156,10 @@ def test_put_answers_the_new_deployment_and_routes_by_it(
     body = response.get_json()
     assert (body["strategy"], body["stable"], body["candidate"]) == ("canary", stable, bad)
     assert body["id"] != before["id"]
-    assert body["updated_by"] not in (ADMIN, "")  # a fingerprint, never the key
-    assert len(body["updated_by"]) == 8
+    # A fingerprint keyed with SECRET_KEY, never the key nor a plain hash of it.
+    assert body["updated_by"] == admin_identity(ADMIN, (), TEST_SECRET_KEY)
+    assert body["updated_by"].startswith("key-") and len(body["updated_by"]) == 20
+    assert hashlib.sha256(ADMIN.encode()).hexdigest()[:8] not in body["updated_by"]
     answer = api.post(
         "/predict", data=png_of(3), headers={**USER_HEADERS, "Content-Type": "image/png"}
     )
@@ -243,6 +248,7 @@ def test_without_admin_keys_configured_changes_are_403_with_what_to_set(
 ) -> None:
     settings = Settings(
         api_keys=API_KEYS,
+        secret_key=TEST_SECRET_KEY,
         models_dir=two_versions[0],
         log_format="text",
         database_url=database_url,
@@ -289,7 +295,9 @@ def test_promote_and_rollback_round_trip_with_history(
     assert [entry["reason"] for entry in history] == ["rollback", "promote", "manual"]
     assert history[0]["deployment"]["id"] == rolled["id"]
     assert history[1]["deployment"]["id"] == promoted["id"]
-    assert all(len(entry["updated_by"]) == 8 for entry in history)
+    assert {entry["updated_by"] for entry in history} == {
+        admin_identity(ADMIN, (), TEST_SECRET_KEY)
+    }
     assert all(entry["updated_at"] for entry in history)
 
 
@@ -646,6 +654,7 @@ def test_put_with_the_store_down_is_503_deployment_unavailable(
     blocker.write_text("")
     settings = Settings(
         api_keys=API_KEYS,
+        secret_key=TEST_SECRET_KEY,
         admin_api_keys=(ADMIN,),
         models_dir=two_versions[0],
         database_url=f"sqlite:///{blocker / 'x.db'}",  # a file's "folder": never opens
@@ -806,6 +815,7 @@ def test_the_deployment_routes_count_against_the_per_key_rate_limit(
 ) -> None:
     settings = Settings(
         api_keys=API_KEYS,
+        secret_key=TEST_SECRET_KEY,
         admin_api_keys=(ADMIN,),
         models_dir=two_versions[0],
         database_url=database_url,
@@ -824,6 +834,55 @@ def test_the_deployment_routes_count_against_the_per_key_rate_limit(
         assert (limited.status_code, limited.get_json()["code"]) == (429, "rate_limited")
     finally:
         application.extensions[ROUTER].close()
+
+
+def test_admin_keys_may_be_named_and_plain_keys_keep_working() -> None:
+    settings = Settings.from_env(
+        {"API_KEY": "k", "ADMIN_API_KEYS": "alice:s3cret:with-colon, plainkey, 9x:y"}
+    )
+    # "9x" is no name (names start with a letter): the whole entry is a plain key.
+    assert settings.admin_api_keys == ("s3cret:with-colon", "plainkey", "9x:y")
+    assert settings.admin_names == (("s3cret:with-colon", "alice"),)
+    assert "s3cret:with-colon" in settings.api_keys and "alice" not in str(settings.api_keys)
+    assert admin_identity("s3cret:with-colon", settings.admin_names, "secret") == "alice"
+    plain = admin_identity("plainkey", settings.admin_names, "secret")
+    # Keyed: another server secret gives another fingerprint, and none is the old plain hash.
+    assert plain != admin_identity("plainkey", settings.admin_names, "another secret")
+    assert hashlib.sha256(b"plainkey").hexdigest()[:8] not in plain
+
+
+def test_a_named_admin_is_named_in_the_history(
+    two_versions: tuple[Path, str, str], database_url: str
+) -> None:
+    settings = Settings.from_env(
+        {
+            "API_KEYS": ",".join(API_KEYS),
+            "ADMIN_API_KEYS": f"alice:{ADMIN}",
+            "SECRET_KEY": TEST_SECRET_KEY,
+            "MODELS_DIR": str(two_versions[0]),
+            "DATABASE_URL": database_url,
+            "RATE_LIMIT": "off",
+            "LOG_FORMAT": "text",
+        }
+    )
+    application = create_app(settings, load_model=False)
+    try:
+        client = application.test_client()
+        changed = client.put(
+            "/deployment",
+            json={"strategy": "shadow", "candidate": two_versions[2]},
+            headers=ADMIN_HEADERS,
+        )
+        assert changed.status_code == 200 and changed.get_json()["updated_by"] == "alice"
+        entry = client.get("/deployment/history", headers=USER_HEADERS).get_json()["history"][0]
+        assert entry["updated_by"] == entry["deployment"]["updated_by"] == "alice"
+    finally:
+        application.extensions[ROUTER].close()
+
+
+def test_without_a_secret_key_the_service_refuses_to_start() -> None:
+    with pytest.raises(ConfigError, match="SECRET_KEY"):
+        Settings(api_keys=API_KEYS).validate()
 
 
 def test_deployment_settings_from_the_environment() -> None:
