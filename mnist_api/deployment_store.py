@@ -240,8 +240,9 @@ class _Lost(Exception):
 
 
 def _unavailable(error: SQLAlchemyError) -> DeploymentStoreUnavailable:
-    # The error's class only: its text may hold the URL, and it says nothing to a client.
-    logger.warning("deployment store unavailable: {}", type(error).__name__)
+    # The error's class only: its text may hold the URL. Debug: the router logs an outage
+    # once (not every second), and an admin's change answers 503 with its own log line.
+    logger.debug("deployment store unavailable: {}", type(error).__name__)
     return DeploymentStoreUnavailable()
 
 
