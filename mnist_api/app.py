@@ -23,7 +23,7 @@ from mnist_api.db import build_engine
 from mnist_api.deployment_manager import DeploymentManager, guard_defaults
 from mnist_api.deployment_router import AutoPromote, DeploymentRouter
 from mnist_api.deployment_store import SqlDeploymentStore
-from mnist_api.feedback import FeedbackStore
+from mnist_api.feedback import FeedbackStore, retention
 from mnist_api.job_store import build_job_store
 from mnist_api.jobs import JobService
 from mnist_api.logs import configure_logging
@@ -91,7 +91,7 @@ def create_app(settings: Settings | None = None, *, load_model: bool = True) -> 
         celery_init_app(app, settings),
         max_upload_bytes=settings.async_max_upload_bytes,
     )
-    app.extensions[extensions.FEEDBACK] = FeedbackStore(engine)
+    app.extensions[extensions.FEEDBACK] = FeedbackStore(engine, retention(settings))
 
     cors.init_app(app, settings.cors_origins)
     request_context.init_app(app)

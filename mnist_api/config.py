@@ -170,6 +170,10 @@ class Settings:
     # Feedback store (mnist_api/db.py): DATABASE_URL, or "" for the embedded SQLite file.
     database_url: str = ""
     database_timeout_seconds: float = 3.0
+    # Feedback retention (0 = no limit): ~1.9 KB per row in PostgreSQL, so 100,000 rows are
+    # ~190 MB, inside a small Heroku Postgres plan next to everything else.
+    feedback_retention_days: int = 365
+    feedback_max_rows: int = 100_000
     # Server (read by gunicorn.conf.py)
     port: int = 8000
     web_concurrency: int = 2
@@ -252,6 +256,10 @@ class Settings:
             database_timeout_seconds=_float(
                 env, "DATABASE_TIMEOUT_SECONDS", cls.database_timeout_seconds
             ),
+            feedback_retention_days=_int(
+                env, "FEEDBACK_RETENTION_DAYS", cls.feedback_retention_days, 0
+            ),
+            feedback_max_rows=_int(env, "FEEDBACK_MAX_ROWS", cls.feedback_max_rows, 0),
             port=_int(env, "PORT", cls.port, 1),
             web_concurrency=_int(env, "WEB_CONCURRENCY", cls.web_concurrency, 1),
             threads=_int(env, "GUNICORN_THREADS", cls.threads, 1),

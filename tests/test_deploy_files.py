@@ -813,10 +813,11 @@ def test_app_json_has_redis_python_and_the_procfile_processes(app_json: dict[str
 
 
 def test_app_json_generates_the_api_key(app_json: dict[str, Any]) -> None:
-    api_key = app_json["env"]["API_KEY"]
-    assert api_key["generator"] == "secret"
-    assert api_key.get("required", True) is True
-    assert "value" not in api_key
+    for name in ("API_KEY", "SECRET_KEY"):
+        api_key = app_json["env"][name]
+        assert api_key["generator"] == "secret", name
+        assert api_key.get("required", True) is True, name
+        assert "value" not in api_key, name
     assert app_json["env"]["METRICS_TOKEN"].get("required") is False
 
 
