@@ -170,8 +170,8 @@ class Settings:
     # Feedback store (mnist_api/db.py): DATABASE_URL, or "" for the embedded SQLite file.
     database_url: str = ""
     database_timeout_seconds: float = 3.0
-    # Feedback retention (0 = no limit): ~1.9 KB per row in PostgreSQL, so 100,000 rows are
-    # ~190 MB, inside a small Heroku Postgres plan next to everything else.
+    # Feedback retention (0 = no limit): ~2.3 KB per row in PostgreSQL, so 100,000 rows are
+    # ~230 MB, inside a 1 GB Heroku Postgres plan next to everything else.
     feedback_retention_days: int = 365
     feedback_max_rows: int = 100_000
     # Server (read by gunicorn.conf.py)
