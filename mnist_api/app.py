@@ -21,6 +21,7 @@ from mnist_api.cache import CacheHooks, build_cache
 from mnist_api.config import PROJECT_ROOT, Settings
 from mnist_api.db import build_engine
 from mnist_api.deployment_manager import DeploymentManager, guard_defaults
+from mnist_api.deployment_notify import ChangeNotifier
 from mnist_api.deployment_router import AutoPromote, DeploymentRouter
 from mnist_api.deployment_store import SqlDeploymentStore
 from mnist_api.feedback import FeedbackStore, retention
@@ -135,11 +136,14 @@ def _deployment_router(
     app: APIFlask, settings: Settings, registry: ModelRegistry, engine: Engine
 ) -> DeploymentRouter:
     """The deployment (in the database) and this worker's router."""
+    # With Redis, a change is also announced there, so other workers need not wait a tick.
+    notifier = ChangeNotifier(settings.redis_url) if settings.redis_url else None
     manager = DeploymentManager(
         SqlDeploymentStore(engine),
         tuple(registry.versions()),
         registry.default_version(settings.default_model_version),
         guard_defaults(settings),
+        on_change=(lambda changed: notifier.publish(changed.id)) if notifier else None,
     )
     app.extensions[extensions.DEPLOYMENTS] = manager
     router = DeploymentRouter(
@@ -151,6 +155,7 @@ def _deployment_router(
             settings.auto_promote_min_feedback,
             settings.auto_promote_probability,
         ),
+        notifier=notifier,
     )
     app.extensions[extensions.ROUTER] = router
     return router

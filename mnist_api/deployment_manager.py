@@ -49,6 +49,8 @@ class DeploymentManager:
     installed: tuple[str, ...]
     default_stable: str
     guard: GuardSettings = dataclasses.field(default_factory=GuardSettings)
+    # Told of every change written (the Redis notification, when there is Redis).
+    on_change: Callable[[Deployment], None] | None = None
 
     @classmethod
     def from_settings(
@@ -142,4 +144,8 @@ class DeploymentManager:
             "updated_at": stamped.updated_at,
             "deployment": self.describe(stamped),
         }
-        return stamped if self.store.replace(expected_id, stamped, entry) else None
+        if not self.store.replace(expected_id, stamped, entry):
+            return None
+        if self.on_change is not None:
+            self.on_change(stamped)
+        return stamped

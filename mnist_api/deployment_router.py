@@ -6,7 +6,8 @@ thread, every `DEPLOYMENT_REFRESH_SECONDS` (1 s by default):
 
 1. flushes the counters to the store (one transaction of upserts per version and field);
 2. reads the stored deployment and switches to it if its id changed (so a change made on any
-   worker or dyno, or by the CLI, is in force everywhere within a couple of seconds);
+   worker or dyno, or by the CLI, is in force everywhere within a couple of seconds; with
+   Redis, a change announced on its pub/sub channel wakes the loop at once);
 3. reads the deployment's counts summed over every worker (the bandit's posteriors and the
    guard's evidence);
 4. runs the guard (and auto-promotion when enabled); the change is a compare-and-set on the
@@ -34,6 +35,7 @@ from loguru import logger
 from mnist_api import metrics
 from mnist_api.deployment import GUARDED, Deployment, ab_position
 from mnist_api.deployment_manager import DeploymentManager
+from mnist_api.deployment_notify import ChangeNotifier
 from mnist_api.deployment_store import CountKey, Counts
 from mnist_api.errors import DeploymentStoreUnavailable
 from mnist_api.guard import (
@@ -70,8 +72,10 @@ class DeploymentRouter:
         refresh_seconds: float = 1.0,
         auto_promote: AutoPromote | None = None,
         seed: int | None = None,
+        notifier: ChangeNotifier | None = None,
     ) -> None:
         self.manager = manager
+        self.notifier = notifier  # Redis pub/sub: re-read at once when told of a change
         self.refresh_seconds = refresh_seconds
         self.auto_promote = auto_promote or AutoPromote()
         self._full_version = full_version  # short id -> `mnist-cnn-int8-<id>` (metric labels)
@@ -85,6 +89,7 @@ class DeploymentRouter:
         self._published = False
         self._store_down = False
         self._stop = threading.Event()
+        self._wake = threading.Event()  # a change was announced: refresh now
         self._thread: threading.Thread | None = None
         self._thread_pid = 0
 
@@ -200,6 +205,7 @@ class DeploymentRouter:
     def close(self) -> None:
         """Stop the background thread (tests; a worker just exits)."""
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
 
@@ -230,9 +236,20 @@ class DeploymentRouter:
             self._thread_pid = os.getpid()
             self._thread = threading.Thread(target=self._run, name="deployment-sync", daemon=True)
             self._thread.start()
+            if self.notifier is not None:
+                threading.Thread(
+                    target=self.notifier.listen,
+                    args=(self._wake.set, self._stop),
+                    name="deployment-notify",
+                    daemon=True,
+                ).start()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.refresh_seconds):
+        while True:
+            self._wake.wait(self.refresh_seconds)  # the tick, or a change announced
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             try:
                 self.sync()
             except Exception as error:  # the loop must outlive any surprise

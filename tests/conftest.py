@@ -104,6 +104,8 @@ def start_worker(redis_server: RedisServer, tmp_path: Path) -> Iterator[Callable
             "API_KEYS": ",".join(API_KEYS),
             "CELERY_CONCURRENCY": "1",
             "LOG_FORMAT": "json",
+            # The worker reads the deployment too: from a file of the test's own.
+            "DATABASE_URL": f"sqlite:///{tmp_path / 'worker.db'}",
         }
         environment = venv_env(**{**defaults, **env})
         with log_path.open("wb") as log:

@@ -34,6 +34,7 @@ from mnist_api import db
 from mnist_api.config import PROJECT_ROOT
 from tests.samples import as_paper, encode, sample
 from tools.postgres_server import PostgresServer, postgres_bin
+from tools.redis_server import RedisServer
 from tools.services import API_KEYS, LiveServer, free_port, start_web, stop, venv_env
 
 ADMIN = "durable-admin-key"
@@ -49,14 +50,13 @@ def full(version: str) -> str:
 
 
 def web(tmp: Path, **env: str) -> LiveServer:
-    """The Procfile's web line, 2 workers, no Redis, an admin key."""
-    live = start_web(
-        tmp,
-        REDIS_URL="",
-        ADMIN_API_KEYS=ADMIN,
-        DEPLOYMENT_REFRESH_SECONDS=str(REFRESH_SECONDS),
-        **env,
-    )
+    """The Procfile's web line, 2 workers, an admin key, no Redis unless `env` names one."""
+    defaults = {
+        "REDIS_URL": "",
+        "ADMIN_API_KEYS": ADMIN,
+        "DEPLOYMENT_REFRESH_SECONDS": str(REFRESH_SECONDS),
+    }
+    live = start_web(tmp, **{**defaults, **env})
     live.worker_pids_when(2)
     return live
 
@@ -145,6 +145,31 @@ def test_the_history_shows_no_hash_of_the_admin_key(sqlite_web: LiveServer) -> N
     plain = hashlib.sha256(ADMIN.encode()).hexdigest()
     assert not any(plain[:8] in who or who in plain for who in shown), shown
     assert all(who.startswith("key-") and len(who) == 20 for who in shown), shown
+
+
+def test_with_redis_a_change_is_announced_and_reaches_every_worker_at_once(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Redis may carry change notifications: with a refresh tick of a minute, the other
+    worker still takes the change within seconds. The database stays the truth: a killed
+    Redis fails no change."""
+    live = web(tmp_path, REDIS_URL=redis_server.url, DEPLOYMENT_REFRESH_SECONDS="60")
+    try:
+        workers = live.worker_pids()
+        time.sleep(2)  # each worker's listener has subscribed
+        answer = change(live, "PUT", "/deployment", {"strategy": "shadow", "candidate": NEWER})
+        assert answer.status_code == 200, answer.text
+        message = f"deployment {answer.json()['id']} in force"
+        deadline = time.monotonic() + 10
+        while {r["pid"] for r in live.records() if r["message"].startswith(message)} < workers:
+            assert time.monotonic() < deadline, "the change did not reach every worker"
+            time.sleep(0.1)
+        assert {get(live, "/deployment")["id"] for _ in range(20)} == {answer.json()["id"]}
+        redis_server.kill()
+        again = change(live, "PUT", "/deployment", {"strategy": "single"})
+        assert again.status_code == 200, again.text
+    finally:
+        stop(live.process)
 
 
 # --- on a real PostgreSQL server (compose's `db` service, Heroku Postgres) ---
