@@ -86,6 +86,8 @@ def predict(server: LiveServer, digit: int = 3) -> requests.Response:
 
 def promote_newer(server: LiveServer) -> dict[str, Any]:
     """Canary on NEWER, then promote it: NEWER is the stable of the deployment in force."""
+    reset = change(server, "PUT", "/deployment", {"strategy": "single", "stable": STABLE})
+    assert reset.status_code == 200, reset.text
     body = {"strategy": "canary", "candidate": NEWER, "candidate_share": 0.1}
     started = change(server, "PUT", "/deployment", body)
     assert started.status_code == 200, started.text
