@@ -23,7 +23,7 @@ from sqlalchemy import create_engine, func, inspect, select, text
 from mnist_api import create_app, db
 from mnist_api.auth import key_fingerprint
 from mnist_api.config import Settings
-from mnist_api.extensions import CACHE, FEEDBACK, SERVICE
+from mnist_api.extensions import CACHE, FEEDBACK, ROUTER, SERVICE
 from mnist_api.feedback import FeedbackStore, decode_input
 from mnist_api.preprocessing import preprocess
 from mnist_api.service import SingleRouter
@@ -74,12 +74,14 @@ def postgres() -> Iterator[PostgresServer]:
 
 
 @pytest.fixture(scope="module")
-def postgres_app(settings: Settings, postgres: PostgresServer) -> APIFlask:
+def postgres_app(settings: Settings, postgres: PostgresServer) -> Iterator[APIFlask]:
     application = create_app(
         settings.replace(database_url=postgres.url, database_timeout_seconds=2.0)
     )
     application.config["TESTING"] = True
-    return application
+    yield application
+    # Its deployment refresh reads this server: stop it before the server goes.
+    application.extensions[ROUTER].close()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
