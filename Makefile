@@ -8,7 +8,8 @@ PORT ?= 8000
 API_KEY ?= dev-key
 # ... and a development admin key, so the deployment routes can be tried locally.
 ADMIN_API_KEY ?= dev-admin-key
-# Signs prediction ids; a development value for `make run` only (production requires SECRET_KEY).
+# ... and a development server secret: it signs prediction ids and keys admin fingerprints
+# (production refuses to start without SECRET_KEY).
 SECRET_KEY ?= dev-secret-key
 
 .PHONY: run test lint check-vendor model retrain soak bench system-deps clean
@@ -29,7 +30,7 @@ $(VENV)/.dev-installed: requirements.txt requirements-dev.txt requirements-train
 run: $(VENV)/.deploy-installed
 	@echo "Serving on http://127.0.0.1:$(PORT)  -  API key: $(API_KEY)  -  admin key: $(ADMIN_API_KEY)"
 	@echo "Try: curl -H 'x-api-key: $(API_KEY)' -F file=@digit.png http://127.0.0.1:$(PORT)/predict"
-	PORT=$(PORT) API_KEY=$(API_KEY) ADMIN_API_KEYS=$(ADMIN_API_KEY) SECRET_KEY=$(SECRET_KEY) WEB_CONCURRENCY=$${WEB_CONCURRENCY:-1} \
+	PORT=$(PORT) API_KEY=$(API_KEY) ADMIN_API_KEYS=dev:$(ADMIN_API_KEY) SECRET_KEY=$(SECRET_KEY) WEB_CONCURRENCY=$${WEB_CONCURRENCY:-1} \
 		LOG_FORMAT=$${LOG_FORMAT:-text} $(BIN)/gunicorn api:app -c gunicorn.conf.py
 
 ## system-deps: Debian packages the tests drive (Chromium, redis-server)

@@ -96,8 +96,9 @@ def _migrate_embedded_database() -> None:
 
     Only the master, once, before the workers fork. A server database (DATABASE_URL) is
     migrated by the Procfile's release phase instead: web dynos starting together must not
-    race on its schema. A failure is logged and the service starts anyway: only /feedback
-    needs the database, and it answers 503 until the file is usable.
+    race on its schema. A failure is logged and the service starts anyway: /feedback and
+    admin changes answer 503 until the file is usable, and the workers serve the first-start
+    deployment.
     """
     from mnist_api import db  # noqa: PLC0415 - SQLAlchemy only when gunicorn starts
 
@@ -107,7 +108,7 @@ def _migrate_embedded_database() -> None:
         db.upgrade(_settings.database_url)
     except Exception as error:  # never keep predictions from starting
         logger.error(
-            "could not migrate the feedback database {}: {}",
+            "could not migrate the database (feedback, deployment) {}: {}",
             db.describe(_settings.database_url),
             error,
         )

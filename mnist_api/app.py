@@ -6,6 +6,7 @@ from typing import Any
 
 from apiflask import APIFlask
 from loguru import logger
+from sqlalchemy import Engine
 
 from mnist_api import (
     cors,
@@ -18,10 +19,13 @@ from mnist_api import (
 )
 from mnist_api.cache import CacheHooks, build_cache
 from mnist_api.config import PROJECT_ROOT, Settings
-from mnist_api.deployment_manager import DeploymentManager
+from mnist_api.db import build_engine
+from mnist_api.deployment_manager import DeploymentManager, guard_defaults
+from mnist_api.deployment_notify import ChangeNotifier
 from mnist_api.deployment_router import AutoPromote, DeploymentRouter
+from mnist_api.deployment_store import SqlDeploymentStore
 from mnist_api.evidence import EvidenceRules
-from mnist_api.feedback import FeedbackStore
+from mnist_api.feedback import FeedbackStore, retention
 from mnist_api.job_store import build_job_store
 from mnist_api.jobs import JobService
 from mnist_api.logs import configure_logging
@@ -70,7 +74,11 @@ def create_app(settings: Settings | None = None, *, load_model: bool = True) -> 
     )
     app.extensions[extensions.CACHE] = cache
     return_large_blocks_to_os()  # so the decode budget bounds the worker's real memory
-    router = _deployment_router(app, settings, registry)
+    # One pool for the feedback and the deployment (both in DATABASE_URL). It connects
+    # lazily: a database that is down costs /feedback and admin changes a 503, never the
+    # start, and the workers keep serving the deployment they last read.
+    engine = build_engine(settings.database_url, settings.database_timeout_seconds)
+    router = _deployment_router(app, settings, registry, engine)
     service = app.extensions[extensions.SERVICE] = PredictionService(
         registry,
         limits_from(settings),
@@ -87,10 +95,7 @@ def create_app(settings: Settings | None = None, *, load_model: bool = True) -> 
         celery_init_app(app, settings),
         max_upload_bytes=settings.async_max_upload_bytes,
     )
-    # Connects lazily: a database that is down costs /feedback a 503, never the start.
-    app.extensions[extensions.FEEDBACK] = FeedbackStore.from_url(
-        settings.database_url, settings.database_timeout_seconds
-    )
+    app.extensions[extensions.FEEDBACK] = FeedbackStore(engine, retention(settings))
 
     cors.init_app(app, settings.cors_origins)
     request_context.init_app(app)
@@ -131,11 +136,17 @@ def create_app(settings: Settings | None = None, *, load_model: bool = True) -> 
 
 
 def _deployment_router(
-    app: APIFlask, settings: Settings, registry: ModelRegistry
+    app: APIFlask, settings: Settings, registry: ModelRegistry, engine: Engine
 ) -> DeploymentRouter:
-    """The deployment (Redis with REDIS_URL, else the process) and this worker's router."""
-    manager = DeploymentManager.from_settings(
-        settings, registry.versions(), registry.default_version(settings.default_model_version)
+    """The deployment (in the database) and this worker's router."""
+    # With Redis, a change is also announced there, so other workers need not wait a tick.
+    notifier = ChangeNotifier(settings.redis_url) if settings.redis_url else None
+    manager = DeploymentManager(
+        SqlDeploymentStore(engine),
+        tuple(registry.versions()),
+        registry.default_version(settings.default_model_version),
+        guard_defaults(settings),
+        on_change=(lambda changed: notifier.publish(changed.id)) if notifier else None,
     )
     app.extensions[extensions.DEPLOYMENTS] = manager
     router = DeploymentRouter(
@@ -148,6 +159,7 @@ def _deployment_router(
             settings.auto_promote_probability,
         ),
         evidence=EvidenceRules(settings.evidence_max_share_per_key, settings.evidence_min_keys),
+        notifier=notifier,
     )
     app.extensions[extensions.ROUTER] = router
     return router

@@ -24,6 +24,21 @@ def key_fingerprint(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:8]
 
 
+def admin_identity(key: str, names: tuple[tuple[str, str], ...], secret_key: str) -> str:
+    """Who an admin key is, for the deployment history (which any API key can read).
+
+    The name it was given (`ADMIN_API_KEYS=name:key`), else `key-` and 16 hex digits of
+    HMAC-SHA256(SECRET_KEY, key): without the server's secret nobody can test a guess of
+    the admin key against it offline, as they could against a plain hash of the key.
+    """
+    given = key.encode()
+    for admin_key, name in names:
+        if hmac.compare_digest(given, admin_key.encode()):
+            return name
+    digest = hmac.new(secret_key.encode(), given, hashlib.sha256).hexdigest()
+    return f"key-{digest[:16]}"
+
+
 def key_matches(candidate: str, keys: tuple[str, ...]) -> bool:
     """True if `candidate` equals one of `keys`; every key is compared in constant time."""
     given = candidate.encode()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +72,28 @@ def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in env.get(name, "").split(",") if item.strip())
 
 
+# An admin's name in `ADMIN_API_KEYS=name:key,...`: what the deployment history shows.
+_ADMIN_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,31}")
+
+
+def _admin_keys(env: Mapping[str, str]) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+    """ADMIN_API_KEYS: the admin keys, and (key, name) for the entries written `name:key`.
+
+    An entry is `name:key` when what comes before its first ':' is a name (a letter, then up
+    to 31 letters, digits, '_', '.', '-'); any other entry is a plain key (kept working).
+    """
+    keys: list[str] = []
+    names: list[tuple[str, str]] = []
+    for entry in _list(env, "ADMIN_API_KEYS"):
+        name, colon, key = entry.partition(":")
+        if colon and key and _ADMIN_NAME.fullmatch(name):
+            keys.append(key)
+            names.append((key, name))
+        else:
+            keys.append(entry)
+    return tuple(keys), tuple(names)
+
+
 def _has_model_version(models_dir: Path) -> bool:
     """A cheap look (no model import here: gunicorn's master reads this module)."""
     return models_dir.is_dir() and any(
@@ -130,6 +153,8 @@ class Settings:
     low_confidence_threshold: float = 0.6
     # Deployments (issue 12): admin keys may change the deployment; they are API keys too.
     admin_api_keys: tuple[str, ...] = ()
+    # (key, name) of the admin keys given as `name:key`: the history names them so.
+    admin_names: tuple[tuple[str, str], ...] = ()
     deployment_refresh_seconds: float = 1.0  # how often a worker re-reads the deployment
     guard_min_requests: int = 200
     guard_max_low_confidence_delta: float = 0.10
@@ -139,7 +164,8 @@ class Settings:
     auto_promote: bool = False
     auto_promote_min_feedback: int = 200
     auto_promote_probability: float = 0.95
-    # Trust (issue 21): signs prediction ids (and keyed fingerprints); required like API_KEY.
+    # Trust (issue 21): signs prediction ids and keys an unnamed admin's fingerprint in the
+    # deployment history; required like API_KEY. Never logged, never shown.
     secret_key: str = ""
     feedback_max_age_seconds: int = 7 * 86_400  # how long an answer can still be judged
     # Evidence rules: no key more than this share of any statistic the guard, the bandit,
@@ -149,6 +175,10 @@ class Settings:
     # Feedback store (mnist_api/db.py): DATABASE_URL, or "" for the embedded SQLite file.
     database_url: str = ""
     database_timeout_seconds: float = 3.0
+    # Feedback retention (0 = no limit): ~2.3 KB per row in PostgreSQL, so 100,000 rows are
+    # ~230 MB, inside a 1 GB Heroku Postgres plan next to everything else.
+    feedback_retention_days: int = 365
+    feedback_max_rows: int = 100_000
     # Server (read by gunicorn.conf.py)
     port: int = 8000
     web_concurrency: int = 2
@@ -161,6 +191,7 @@ class Settings:
         """Read settings from `env` (default: the process environment)."""
         env = os.environ if env is None else env
         keys = _list(env, "API_KEYS") or _list(env, "API_KEY")
+        admin_keys, admin_names = _admin_keys(env)
         return cls(
             api_keys=keys,
             models_dir=Path(_text(env, "MODELS_DIR", str(cls.models_dir))),
@@ -204,7 +235,8 @@ class Settings:
             low_confidence_threshold=_float(
                 env, "LOW_CONFIDENCE_THRESHOLD", cls.low_confidence_threshold
             ),
-            admin_api_keys=_list(env, "ADMIN_API_KEYS"),
+            admin_api_keys=admin_keys,
+            admin_names=admin_names,
             deployment_refresh_seconds=_float(
                 env, "DEPLOYMENT_REFRESH_SECONDS", cls.deployment_refresh_seconds
             ),
@@ -236,6 +268,10 @@ class Settings:
             database_timeout_seconds=_float(
                 env, "DATABASE_TIMEOUT_SECONDS", cls.database_timeout_seconds
             ),
+            feedback_retention_days=_int(
+                env, "FEEDBACK_RETENTION_DAYS", cls.feedback_retention_days, 0
+            ),
+            feedback_max_rows=_int(env, "FEEDBACK_MAX_ROWS", cls.feedback_max_rows, 0),
             port=_int(env, "PORT", cls.port, 1),
             web_concurrency=_int(env, "WEB_CONCURRENCY", cls.web_concurrency, 1),
             threads=_int(env, "GUNICORN_THREADS", cls.threads, 1),
@@ -290,6 +326,7 @@ class Settings:
             )
         if not self.secret_key:
             raise ConfigError(
-                "No SECRET_KEY is configured: set SECRET_KEY to a long random secret (it signs "
-                "the prediction ids that feedback refers to) before starting the service."
+                "No SECRET_KEY is configured: set SECRET_KEY to a long random secret (e.g. "
+                "`openssl rand -hex 32`) before starting the service; it signs the prediction ids "
+                "that feedback refers to and keys the admins' fingerprints."
             )

@@ -7,6 +7,7 @@ or locked makes /feedback answer 503 within seconds instead of holding a worker 
 
     python -m mnist_api.db upgrade     # apply the migrations (Procfile release phase)
     python -m mnist_api.db current     # print the applied revision
+    python -m mnist_api.db prune       # apply the feedback retention now
     python -m mnist_api.db revision "add a column"   # a new migration, compared with
                                        # mnist_api/tables.py on an up-to-date database
 """
@@ -139,10 +140,19 @@ def main(argv: list[str] | None = None) -> int:
     if args == ["current"]:
         print(current_revision(url) or "empty (no migration applied)")
         return 0
+    if args == ["prune"]:
+        from mnist_api.feedback import FeedbackStore, retention  # noqa: PLC0415 - a cycle
+
+        store = FeedbackStore.from_url(url, timeout=30.0, retention=retention(settings))
+        try:
+            print(f"feedback retention deleted {store.prune()} rows from {describe(url)}")
+        finally:
+            store.dispose()
+        return 0
     if len(args) == 2 and args[0] == "revision":
         _alembic_command().revision(alembic_config(url), message=args[1], autogenerate=True)
         return 0
-    print('usage: python -m mnist_api.db upgrade|current|revision "message"', file=sys.stderr)
+    print('usage: python -m mnist_api.db upgrade|current|prune|revision "message"', file=sys.stderr)
     return 2
 
 

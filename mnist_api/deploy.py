@@ -1,4 +1,5 @@
-"""The deployment from the command line, on the same store as the service (REDIS_URL).
+"""The deployment from the command line, on the same store as the service (the database:
+DATABASE_URL, else the embedded SQLite file).
 
     python -m mnist_api.deploy status
     python -m mnist_api.deploy shadow 3f2a9c1b7d4e
@@ -10,9 +11,10 @@
     python -m mnist_api.deploy rollback
     python -m mnist_api.deploy history [N]
 
-Prints the resulting deployment (or the history) as JSON. Talks to Redis directly, not over
-HTTP, so it needs no key: whoever can run it on a dyno (`heroku run`) already holds
-REDIS_URL. Changes are recorded with `updated_by: "cli"`. Exit status 2 with a sentence on
+Prints the resulting deployment (or the history) as JSON. Talks to the database directly,
+not over HTTP, so it needs no key: whoever can run it on a dyno (`heroku run`) already holds
+DATABASE_URL. Every worker takes a change within DEPLOYMENT_REFRESH_SECONDS. Changes are
+recorded with `updated_by: "cli"`. Exit status 2 with a sentence on
 stderr for invalid input, 3 when the store is unavailable.
 """
 
@@ -24,6 +26,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
+from mnist_api import db
 from mnist_api.config import ConfigError, Settings
 from mnist_api.deployment_manager import DeploymentManager
 from mnist_api.errors import DeploymentStoreUnavailable, InvalidDeployment
@@ -99,22 +104,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if not settings.redis_url and args.command not in ("status", "history"):
-        print(
-            "error: REDIS_URL is not set. Without Redis the deployment lives inside the "
-            "running service's process; change it there with PUT /deployment.",
-            file=sys.stderr,
-        )
-        return 2
     manager = DeploymentManager.from_settings(settings, registry.versions(), default)
     try:
+        if db.is_sqlite(settings.database_url):
+            # The embedded file of `make run`: its gunicorn master migrates it the same way.
+            db.upgrade(settings.database_url)
         result = run(manager, args)
     except InvalidDeployment as error:
         print(f"error: {error.message}", file=sys.stderr)
         return 2
-    except DeploymentStoreUnavailable as error:
-        print(f"error: {error.message}", file=sys.stderr)
+    except (DeploymentStoreUnavailable, SQLAlchemyError):
+        print(
+            f"error: the deployment store ({db.describe(settings.database_url)}) is "
+            "unavailable; nothing was changed.",
+            file=sys.stderr,
+        )
         return 3
+    finally:
+        manager.store.dispose()
     print(json.dumps(result, indent=2))
     return 0
 

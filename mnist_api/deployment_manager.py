@@ -9,7 +9,7 @@
 Every change is validated first (`InvalidDeployment`, nothing written), then written with a
 compare-and-set on the id it was based on. When another change wins the race, the change is
 re-applied on top of the winner (and validated again), so each change lands whole or not at
-all. A Redis failure raises `DeploymentStoreUnavailable` and changes nothing.
+all. A database failure raises `DeploymentStoreUnavailable` and changes nothing.
 """
 
 from __future__ import annotations
@@ -49,14 +49,16 @@ class DeploymentManager:
     installed: tuple[str, ...]
     default_stable: str
     guard: GuardSettings = dataclasses.field(default_factory=GuardSettings)
+    # Told of every change written (the Redis notification, when there is Redis).
+    on_change: Callable[[Deployment], None] | None = None
 
     @classmethod
     def from_settings(
         cls, settings: Settings, installed: Collection[str], default_stable: str
     ) -> DeploymentManager:
-        """A manager on the store `REDIS_URL` names (or the process's own)."""
+        """A manager on the database DATABASE_URL names (or the embedded SQLite file)."""
         return cls(
-            build_deployment_store(settings.redis_url),
+            build_deployment_store(settings.database_url, settings.database_timeout_seconds),
             tuple(installed),
             default_stable,
             guard_defaults(settings),
@@ -142,4 +144,8 @@ class DeploymentManager:
             "updated_at": stamped.updated_at,
             "deployment": self.describe(stamped),
         }
-        return stamped if self.store.replace(expected_id, stamped, entry) else None
+        if not self.store.replace(expected_id, stamped, entry):
+            return None
+        if self.on_change is not None:
+            self.on_change(stamped)
+        return stamped

@@ -1,12 +1,13 @@
 """The deployment in each worker: per-request choice of the version, and a background loop.
 
 The hot path (`route`, `observe`, `record_feedback`) only reads the deployment object this
-process holds and adds to in-process counters: no Redis round trip per request. A daemon
+process holds and adds to in-process counters: no database round trip per request. A daemon
 thread, every `DEPLOYMENT_REFRESH_SECONDS` (1 s by default):
 
-1. flushes the counters to the store (one pipelined HINCRBY per version and field);
+1. flushes the counters to the store (one transaction of upserts per version and field);
 2. reads the stored deployment and switches to it if its id changed (so a change made on any
-   worker or dyno, or by the CLI, is in force everywhere within a couple of seconds);
+   worker or dyno, or by the CLI, is in force everywhere within a couple of seconds; with
+   Redis, a change announced on its pub/sub channel wakes the loop at once);
 3. reads the deployment's counts summed over every worker and turns them into evidence (the
    bandit's posteriors and the guard's statistics): counts are kept per version and key
    fingerprint (store field `<version>/<key>:<field>`), each key capped at
@@ -17,8 +18,9 @@ thread, every `DEPLOYMENT_REFRESH_SECONDS` (1 s by default):
 4. runs the guard (and auto-promotion when enabled); the change is a compare-and-set on the
    deployment id, so when several workers decide at once exactly one writes it.
 
-When the store fails, the process keeps serving with the last deployment it knew, keeps its
-counters for the next flush, and logs the outage once. A stored deployment that names a
+When the store (the database) fails, the process keeps serving with the last deployment it
+read, keeps its counters for the next flush, logs the outage once, and says so in /readyz
+(`"deployment": "stale"`). A stored deployment that names a
 version this process does not have installed (a dyno running older code) is served as
 well as it can be: stable if installed, else the default version, without the candidate;
 logged once per deployment.
@@ -38,6 +40,7 @@ from loguru import logger
 from mnist_api import metrics
 from mnist_api.deployment import GUARDED, Deployment, ab_position
 from mnist_api.deployment_manager import DeploymentManager
+from mnist_api.deployment_notify import ChangeNotifier
 from mnist_api.deployment_store import CountKey, Counts
 from mnist_api.errors import DeploymentStoreUnavailable
 from mnist_api.evidence import EvidenceRules
@@ -93,9 +96,11 @@ class DeploymentRouter:
         auto_promote: AutoPromote | None = None,
         evidence: EvidenceRules | None = None,
         seed: int | None = None,
+        notifier: ChangeNotifier | None = None,
     ) -> None:
         self.manager = manager
         self.evidence = evidence or EvidenceRules()
+        self.notifier = notifier  # Redis pub/sub: re-read at once when told of a change
         self.refresh_seconds = refresh_seconds
         self.auto_promote = auto_promote or AutoPromote()
         self._full_version = full_version  # short id -> `mnist-cnn-int8-<id>` (metric labels)
@@ -113,6 +118,7 @@ class DeploymentRouter:
         self._published = False
         self._store_down = False
         self._stop = threading.Event()
+        self._wake = threading.Event()  # a change was announced: refresh now
         self._thread: threading.Thread | None = None
         self._thread_pid = 0
 
@@ -202,6 +208,11 @@ class DeploymentRouter:
             if correct:
                 self._pending[(*key, "correct")] += 1
 
+    def store_status(self) -> str:
+        """For /readyz: "ok" when the last read of the store worked; "stale" when the store is
+        down and this worker serves the deployment it last read."""
+        return "stale" if self._store_down else "ok"
+
     # --- keeping up with the store ---
 
     def use(self, stored: Deployment) -> None:
@@ -245,6 +256,7 @@ class DeploymentRouter:
     def close(self) -> None:
         """Stop the background thread (tests; a worker just exits)."""
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
 
@@ -276,9 +288,20 @@ class DeploymentRouter:
             self._thread_pid = os.getpid()
             self._thread = threading.Thread(target=self._run, name="deployment-sync", daemon=True)
             self._thread.start()
+            if self.notifier is not None:
+                threading.Thread(
+                    target=self.notifier.listen,
+                    args=(self._wake.set, self._stop),
+                    name="deployment-notify",
+                    daemon=True,
+                ).start()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.refresh_seconds):
+        while True:
+            self._wake.wait(self.refresh_seconds)  # the tick, or a change announced
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             try:
                 self.sync()
             except Exception as error:  # the loop must outlive any surprise

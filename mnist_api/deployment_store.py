@@ -1,52 +1,44 @@
-"""Where the deployment lives: Redis with `REDIS_URL` (shared by every worker and dyno),
-else the process.
+"""Where the deployment lives: the SQL database (DATABASE_URL, else the embedded SQLite
+file), shared by every worker and dyno that reads it, and durable (issue 21).
 
-In Redis the deployment is one JSON document (`mnist:deployment`) next to its history (a
-list, newest first, capped at `HISTORY_SIZE`) and per-deployment counters (a hash per
-deployment id: `<version>:<field>` -> count, which the guard and the bandit read). A change
-is one Lua script that writes only if the stored id is still the one the change was based
-on, and writes the document and its history entry together: two admins at once, one wins
-whole. Any Redis failure becomes `DeploymentStoreUnavailable` (503); nothing is half done.
+The deployment is one row (`deployment_state`) holding its JSON document, next to its
+history (`deployment_history`, newest first by id) and per-deployment counters
+(`deployment_counts`: deployment id, version, field -> count, which the guard and the bandit
+read). A change is one transaction that updates the row only if the stored id is still the
+one the change was based on, and inserts the history entry with it: two admins at once, one
+wins whole. Any database failure becomes `DeploymentStoreUnavailable` (503); nothing is half
+done. Redis plays no part: flushing or restarting it changes no decision.
+
+`MemoryDeploymentStore` keeps the same in one process, for unit tests of the rules.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import threading
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-import redis
+from loguru import logger
+from sqlalchemy import Engine, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from mnist_api import redis_clients
+from mnist_api.db import build_engine
 from mnist_api.deployment import Deployment
 from mnist_api.errors import DeploymentStoreUnavailable
+from mnist_api.tables import deployment_counts, deployment_history, deployment_state
 
-DEPLOYMENT_KEY = "mnist:deployment"
-HISTORY_KEY = "mnist:deployment:history"
-STATS_PREFIX = "mnist:deployment:stats:"
-HISTORY_SIZE = 100
-# A deployment's counters outlive it long enough for anyone to look back at them.
-STATS_TTL_SECONDS = 30 * 86_400
+HISTORY_SIZE = 100  # the in-process store keeps this many; the database keeps them all
+_CURRENT = "current"  # the one row of deployment_state
 
 # (deployment id, version, field) -> count; fields: requests, low_confidence, errors,
 # feedback, correct.
 CountKey = tuple[str, str, str]
 # version -> field -> count, for one deployment id.
 Counts = dict[str, dict[str, int]]
-
-# KEYS: document, history. ARGV: expected id ("" = nothing stored yet), new document,
-# history entry, history size. Returns 1 when written, 0 when another change came first.
-_REPLACE = """
-local current = redis.call('GET', KEYS[1])
-local current_id = ''
-if current then current_id = cjson.decode(current)['id'] end
-if current_id ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[2])
-redis.call('LPUSH', KEYS[2], ARGV[3])
-redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[4]) - 1)
-return 1
-"""
 
 
 class DeploymentStore(Protocol):
@@ -70,9 +62,12 @@ class DeploymentStore(Protocol):
     def counts(self, deployment_id: str) -> Counts:
         """Every version's counts under one deployment."""
 
+    def dispose(self) -> None:
+        """Let go of connections (a command-line run that is done)."""
+
 
 class MemoryDeploymentStore:
-    """The deployment of one process (`make run`, tests without Redis)."""
+    """The deployment of one process (unit tests of the rules and the router)."""
 
     backend = "memory"
 
@@ -114,87 +109,144 @@ class MemoryDeploymentStore:
             stored = self._counts.get(deployment_id, {})
             return {version: dict(fields) for version, fields in stored.items()}
 
+    def dispose(self) -> None:
+        """Nothing to let go of."""
 
-class RedisDeploymentStore:
-    """The deployment in Redis, shared by every worker of every dyno."""
 
-    backend = "redis"
+class SqlDeploymentStore:
+    """The deployment in the SQL database (DATABASE_URL, else the embedded SQLite file):
+    shared by every worker of every machine that reads the same database, and durable."""
 
-    def __init__(self, client: redis.Redis) -> None:
-        self._client = client
-        self._replace = client.register_script(_REPLACE)
+    backend = "sql"
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
 
     @classmethod
-    def from_url(cls, url: str, socket_timeout: float = 1.0) -> RedisDeploymentStore:
-        """A store on `url` (the process's shared pool for it); calls give up after
-        `socket_timeout` seconds."""
-        role = redis_clients.Role("deployments", socket_timeout, socket_timeout)
-        return cls(redis_clients.client(url, role))
+    def from_url(cls, url: str, timeout: float = 3.0) -> SqlDeploymentStore:
+        """A store on DATABASE_URL ("" = the embedded SQLite file); connects on first use."""
+        return cls(build_engine(url, timeout))
 
     def load(self) -> Deployment | None:
         """The stored deployment, or None before the first change."""
+        query = select(deployment_state.c.document).where(deployment_state.c.name == _CURRENT)
         try:
-            raw = self._client.get(DEPLOYMENT_KEY)
-        except redis.RedisError as error:
-            raise DeploymentStoreUnavailable() from error
-        if raw is None:
-            return None
-        return Deployment.from_dict(json.loads(raw))
+            with self.engine.connect() as connection:
+                raw = connection.execute(query).scalar_one_or_none()
+        except SQLAlchemyError as error:
+            raise _unavailable(error) from None
+        return None if raw is None else Deployment.from_dict(json.loads(raw))
 
     def replace(self, expected_id: str, new: Deployment, entry: Mapping[str, Any]) -> bool:
-        """One Lua script: compare the stored id, then write the document and the history."""
+        """One transaction: compare the stored id and swap the document, add the history
+        row. False (and nothing written) when another change came first."""
+        now = datetime.datetime.now(datetime.UTC)
+        document = json.dumps(new.to_dict())
         try:
-            written = self._replace(
-                keys=[DEPLOYMENT_KEY, HISTORY_KEY],
-                args=[
-                    expected_id,
-                    json.dumps(new.to_dict()),
-                    json.dumps(dict(entry)),
-                    HISTORY_SIZE,
-                ],
-            )
-        except redis.RedisError as error:
-            raise DeploymentStoreUnavailable() from error
-        return bool(written)
+            with self.engine.begin() as connection:
+                if expected_id:
+                    # In PostgreSQL a concurrent UPDATE waits for the other one's commit and
+                    # then re-checks the WHERE on the new row: the loser updates nothing.
+                    written = connection.execute(
+                        update(deployment_state)
+                        .where(
+                            deployment_state.c.name == _CURRENT,
+                            deployment_state.c.deployment_id == expected_id,
+                        )
+                        .values(deployment_id=new.id, document=document, updated_at=now)
+                    ).rowcount
+                    if written != 1:
+                        raise _Lost()
+                else:  # the first change: the primary key lets only one insert win
+                    connection.execute(
+                        insert(deployment_state).values(
+                            name=_CURRENT, deployment_id=new.id, document=document, updated_at=now
+                        )
+                    )
+                connection.execute(
+                    insert(deployment_history).values(
+                        deployment_id=new.id,
+                        reason=str(entry.get("reason", ""))[:16],
+                        updated_by=str(entry.get("updated_by", ""))[:64],
+                        created_at=now,
+                        entry=json.dumps(dict(entry)),
+                    )
+                )
+        except (_Lost, IntegrityError):
+            return False
+        except SQLAlchemyError as error:
+            raise _unavailable(error) from None
+        return True
 
     def history(self, limit: int) -> list[dict[str, Any]]:
         """The last `limit` entries, newest first."""
+        query = (
+            select(deployment_history.c.entry)
+            .order_by(deployment_history.c.id.desc())
+            .limit(max(limit, 1))
+        )
         try:
-            raw = self._client.lrange(HISTORY_KEY, 0, max(limit, 1) - 1)
-        except redis.RedisError as error:
-            raise DeploymentStoreUnavailable() from error
-        return [json.loads(item) for item in raw]
+            with self.engine.connect() as connection:
+                rows = connection.execute(query).scalars().all()
+        except SQLAlchemyError as error:
+            raise _unavailable(error) from None
+        return [json.loads(row) for row in rows]
 
     def add_counts(self, counts: Mapping[CountKey, int]) -> None:
-        """HINCRBY every count in one pipelined round trip."""
+        """Add every count in one transaction (an upsert per deployment, version, field)."""
         if not counts:
             return
+        dialect = self.engine.dialect.name
+        upsert: Any = postgresql_insert if dialect == "postgresql" else sqlite_insert
         try:
-            with self._client.pipeline(transaction=False) as pipe:
-                for (deployment_id, version, name), count in counts.items():
-                    pipe.hincrby(STATS_PREFIX + deployment_id, f"{version}:{name}", count)
-                for deployment_id in {key[0] for key in counts}:
-                    pipe.expire(STATS_PREFIX + deployment_id, STATS_TTL_SECONDS)
-                pipe.execute()
-        except redis.RedisError as error:
-            raise DeploymentStoreUnavailable() from error
+            with self.engine.begin() as connection:
+                # Sorted: two workers upserting the same rows lock them in the same order,
+                # so PostgreSQL never sees a deadlock between them.
+                for (deployment_id, version, name), count in sorted(counts.items()):
+                    statement = upsert(deployment_counts).values(
+                        deployment_id=deployment_id, version=version, field=name, count=count
+                    )
+                    connection.execute(
+                        statement.on_conflict_do_update(
+                            index_elements=["deployment_id", "version", "field"],
+                            set_={"count": deployment_counts.c.count + statement.excluded.count},
+                        )
+                    )
+        except SQLAlchemyError as error:
+            raise _unavailable(error) from None
 
     def counts(self, deployment_id: str) -> Counts:
-        """HGETALL of one deployment's counters, by version."""
+        """One deployment's counters, by version."""
+        query = select(
+            deployment_counts.c.version, deployment_counts.c.field, deployment_counts.c.count
+        ).where(deployment_counts.c.deployment_id == deployment_id)
         try:
-            raw = self._client.hgetall(STATS_PREFIX + deployment_id)
-        except redis.RedisError as error:
-            raise DeploymentStoreUnavailable() from error
+            with self.engine.connect() as connection:
+                rows = connection.execute(query).all()
+        except SQLAlchemyError as error:
+            raise _unavailable(error) from None
         result: Counts = {}
-        for key, value in raw.items():
-            text = key.decode() if isinstance(key, bytes) else str(key)
-            version, _, name = text.rpartition(":")
-            result.setdefault(version, {})[name] = int(value)
+        for version, name, count in rows:
+            result.setdefault(version, {})[name] = int(count)
         return result
 
+    def dispose(self) -> None:
+        """Close the pooled connections (the CLI, the release phase, tests)."""
+        self.engine.dispose()
 
-def build_deployment_store(redis_url: str) -> DeploymentStore:
-    """Redis when `redis_url` is set, else the process."""
-    if redis_url:
-        return RedisDeploymentStore.from_url(redis_url)
-    return MemoryDeploymentStore()
+
+class _Lost(Exception):
+    """Another change came first (rolls the transaction back)."""
+
+
+def _unavailable(error: SQLAlchemyError) -> DeploymentStoreUnavailable:
+    # The error's class only: its text may hold the URL. Debug: the router logs an outage
+    # once (not every second), and an admin's change answers 503 with its own log line.
+    logger.debug("deployment store unavailable: {}", type(error).__name__)
+    return DeploymentStoreUnavailable()
+
+
+def build_deployment_store(database_url: str, timeout: float = 3.0) -> DeploymentStore:
+    """The deployment in the SQL database at `database_url` (the embedded SQLite file when
+    empty): the same place on every worker, kept whatever happens to Redis."""
+    return SqlDeploymentStore.from_url(database_url, timeout)

@@ -204,7 +204,7 @@ class DeploymentStoreUnavailable(ServiceError):
     status = 503
     code = "deployment_unavailable"
     message = (
-        "The deployment store (Redis) is unavailable right now; nothing was changed. "
+        "The deployment store (the database) is unavailable right now; nothing was changed. "
         "Traffic is still served with the last known deployment; retry shortly."
     )
 

@@ -21,6 +21,7 @@ from loguru import logger
 from sqlalchemy import insert, select
 from sqlalchemy.exc import SQLAlchemyError
 
+from mnist_api import db
 from mnist_api.config import Settings
 from mnist_api.db import build_engine
 from mnist_api.deployment_manager import DeploymentManager
@@ -72,22 +73,18 @@ def propose_candidate(
 ) -> Outcome:
     """Start a canary or bandit on `proposal` through the deployment manager (issue 12).
 
-    The change goes to the store the web dynos read (Redis, `REDIS_URL`), so every worker
-    takes it within seconds. Without Redis the deployment lives inside each running
-    process, which nothing outside can change: the proposal then stays in the card, and an
-    admin starts it with `PUT /deployment` on the running service.
+    The change goes to the database the web dynos read (DATABASE_URL, or the embedded
+    SQLite file of a local run), so every worker takes it within DEPLOYMENT_REFRESH_SECONDS.
+    A database that cannot be written leaves the proposal in the card: the next release
+    tries again, or an admin starts it with `PUT /deployment`.
     """
-    if not settings.redis_url:
-        return Outcome(
-            False,
-            "REDIS_URL is not set, so the deployment lives inside the running service: start "
-            f"the {proposal.strategy} with PUT /deployment (an admin key) on it",
-        )
     manager = _manager(settings)
     try:
         deployment = manager.apply(proposal.changes(), by=by, reason=reason)
     except (InvalidDeployment, DeploymentStoreUnavailable) as error:
         return Outcome(False, f"the deployment was not changed: {error.message}")
+    finally:
+        manager.store.dispose()
     return Outcome(
         True,
         f"{deployment.strategy} started on {proposal.version} (deployment {deployment.id}, "
@@ -95,21 +92,41 @@ def propose_candidate(
     )
 
 
-def stable_version(settings: Settings, registry: ModelRegistry) -> str:
-    """The version the deployment holds as stable: what a challenger must beat.
+class StableUnknown(RuntimeError):
+    """The deployment in force cannot be read, or names a stable version not installed
+    here: a challenger cannot be gated against it (the message says what to do)."""
 
-    Read from the deployment store when there is one (Redis); the first-start default
-    (DEFAULT_MODEL_VERSION, else the newest settled version) otherwise, or when the store
-    is unreachable or names a version not installed here.
+
+def stable_version(settings: Settings, registry: ModelRegistry) -> str:
+    """The version the deployment in force holds as stable: what a challenger must beat.
+
+    Read from the database the service stores its deployment in (DATABASE_URL, else the
+    embedded SQLite file, migrated first as `make run` does), so CI and a local run gate
+    against the same version the service serves. Before the first change that is the
+    first-start default (DEFAULT_MODEL_VERSION, else the newest settled version).
+    `StableUnknown` when the database cannot be read or its stable is not installed here:
+    gating against another version would be gating against the wrong model.
     """
     default = registry.default_version(settings.default_model_version)
-    if not settings.redis_url:
-        return default
+    if db.is_sqlite(settings.database_url):
+        db.upgrade(settings.database_url)  # idempotent; a fresh clone has no file yet
+    manager = _manager(settings)
     try:
-        stable = _manager(settings).current().stable
-    except DeploymentStoreUnavailable:
-        return default
-    return stable if stable in registry else default
+        stable = manager.current().stable
+    except DeploymentStoreUnavailable as error:
+        raise StableUnknown(
+            f"the deployment in force cannot be read from {db.describe(settings.database_url)} "
+            "(is it reachable and migrated? `python -m mnist_api.db upgrade`); pass --stable "
+            "VERSION to gate against a version you choose"
+        ) from error
+    finally:
+        manager.store.dispose()
+    if stable not in registry:
+        raise StableUnknown(
+            f"the deployment's stable version {stable} is not installed in "
+            f"{registry.models_dir} (default would be {default}); install it or pass --stable"
+        )
+    return stable
 
 
 def _manager(settings: Settings) -> DeploymentManager:

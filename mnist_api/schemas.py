@@ -196,6 +196,13 @@ class Readiness(Schema):
         required=True,
         metadata={"description": "feedback store: ok (server), sqlite (embedded file) or down"},
     )
+    deployment = String(
+        required=True,
+        metadata={
+            "description": "ok, or stale: the database is down and this worker serves the "
+            "deployment it last read"
+        },
+    )
 
 
 class TaskAccepted(Schema):
@@ -296,7 +303,11 @@ class DeploymentState(Schema):
     updated_at = String(required=True, metadata={"description": "ISO 8601, UTC"})
     updated_by = String(
         required=True,
-        metadata={"description": "key fingerprint of the admin, `cli`, `guard` or `default`"},
+        metadata={
+            "description": "the admin's name (ADMIN_API_KEYS=name:key) or its fingerprint "
+            "keyed with SECRET_KEY (`key-<16 hex>`), `cli`, `guard`, `release`, `retrain` "
+            "or `default`"
+        },
     )
     previous_stable = String(
         allow_none=True, metadata={"description": "what POST /deployment/rollback brings back"}

@@ -8,6 +8,7 @@ metadata here is what the code reads and writes, and what `alembic revision
 from __future__ import annotations
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     DateTime,
@@ -18,6 +19,7 @@ from sqlalchemy import (
     SmallInteger,
     String,
     Table,
+    Text,
     UniqueConstraint,
 )
 
@@ -54,4 +56,42 @@ candidate_proposals = Table(
     Column("candidate_share", Float, nullable=False),
     Column("outcome", String(200), nullable=False),
     Column("proposed_at", DateTime(timezone=True), nullable=False),
+)
+
+# The deployment in force (issue 21): one row, `name` "current", holding the JSON document
+# `Deployment.to_dict` writes. A change is an UPDATE ... WHERE deployment_id = <the id it
+# was based on>, so of two admins changing it at once exactly one wins, whole.
+deployment_state = Table(
+    "deployment_state",
+    metadata,
+    Column("name", String(16), primary_key=True),
+    Column("deployment_id", String(12), nullable=False),
+    Column("document", Text, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+# Every change of the deployment, in the same transaction as the change itself: who (an
+# admin's name or keyed fingerprint, "cli", "guard", "release", ...), why, when, and the
+# deployment that resulted (the JSON entry GET /deployment/history answers).
+deployment_history = Table(
+    "deployment_history",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("deployment_id", String(12), nullable=False),
+    Column("reason", String(16), nullable=False),
+    Column("updated_by", String(64), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("entry", Text, nullable=False),
+)
+
+# The evidence of each deployment, summed over every worker: requests, low_confidence,
+# errors, feedback, correct per version (what the guard and the bandit read).
+deployment_counts = Table(
+    "deployment_counts",
+    metadata,
+    Column("deployment_id", String(12), primary_key=True),
+    # `<version>/<key fingerprint>`: evidence is counted per version and key.
+    Column("version", String(64), primary_key=True),
+    Column("field", String(16), primary_key=True),
+    Column("count", BigInteger, nullable=False),
 )

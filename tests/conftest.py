@@ -42,11 +42,11 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     db.upgrade(database_url)
     return Settings(
         api_keys=API_KEYS,
+        secret_key=TEST_SECRET_KEY,
         log_format="text",
         log_level="WARNING",
         rate_limit="",
         database_url=database_url,
-        secret_key=TEST_SECRET_KEY,
     )
 
 
@@ -105,6 +105,8 @@ def start_worker(redis_server: RedisServer, tmp_path: Path) -> Iterator[Callable
             "SECRET_KEY": TEST_SECRET_KEY,
             "CELERY_CONCURRENCY": "1",
             "LOG_FORMAT": "json",
+            # The worker reads the deployment too: from a file of the test's own.
+            "DATABASE_URL": f"sqlite:///{tmp_path / 'worker.db'}",
         }
         environment = venv_env(**{**defaults, **env})
         with log_path.open("wb") as log:

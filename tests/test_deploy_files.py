@@ -79,7 +79,7 @@ NOT_IN_APP_JSON = {
     "TASK_CRASH_ON_SHA256": "tests only: makes a worker process exit on one upload",
     "LOCAL_JOBS_DIR": "only without Redis; gunicorn.conf.py sets it (Heroku has Redis)",
 }
-COMPOSE_SERVICES = {"web", "worker", "redis", "prometheus", "grafana"}
+COMPOSE_SERVICES = {"release", "web", "worker", "redis", "db", "prometheus", "grafana"}
 # Settings app.json gives another value than the service's default, and why.
 HEROKU_OVERRIDES = {
     "PROXY_FIX_X_FOR": ("1", "Heroku's router is one proxy hop that appends X-Forwarded-For"),
@@ -528,19 +528,23 @@ def compose_command() -> list[str] | None:
 
 
 def test_compose_config_resolves_and_requires_api_key() -> None:
-    """`docker-compose config`: parses, interpolates, and refuses to run without API_KEY."""
+    """`docker-compose config`: parses, interpolates, and refuses to run without API_KEY or
+    SECRET_KEY."""
     command = compose_command()
     if command is None:
         pytest.fail(
             "docker-compose is not installed: run scripts/install-system-deps.sh "
             "(Debian package 'docker-compose'; no engine is needed for `config`)"
         )
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "API_KEY"))}
-    base["SECRET_KEY"] = "compose-test-secret"  # required too; this test is about API_KEY
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("COMPOSE_", "API_KEY", "SECRET_KEY", "POSTGRES_"))
+    }
     base.pop("CELERY_CONCURRENCY", None)
     args = [*command, "--project-directory", ROOT, "-f", COMPOSE, "config"]
 
-    resolved = run(*args, env={**base, "API_KEY": "compose-test-key"})
+    resolved = run(*args, env={**base, "API_KEY": "compose-test-key", "SECRET_KEY": "s"})
     assert_ok(resolved)
     services = yaml.safe_load(resolved.stdout)["services"]
     assert set(services) >= COMPOSE_SERVICES
@@ -551,9 +555,32 @@ def test_compose_config_resolves_and_requires_api_key() -> None:
     worker = worker if isinstance(worker, str) else shlex.join(worker)
     assert "--concurrency 2" in worker, "CELERY_CONCURRENCY defaults to 2, as in the Procfile"
 
-    missing = run(*args, env=base)
+    missing = run(*args, env={**base, "SECRET_KEY": "s"})
     assert missing.returncode != 0, "compose must refuse to start without API_KEY"
     assert "set API_KEY" in missing.stdout + missing.stderr
+    no_secret = run(*args, env={**base, "API_KEY": "compose-test-key"})
+    assert no_secret.returncode != 0, "compose must refuse to start without SECRET_KEY"
+    assert "set SECRET_KEY" in no_secret.stdout + no_secret.stderr
+
+
+def test_compose_keeps_the_data_on_postgres_in_a_named_volume(compose: dict[str, Any]) -> None:
+    """Issue 22: feedback and the deployment outlive `docker compose up --force-recreate`:
+    web, worker and the release phase use the `db` service, whose data is a named volume."""
+    db = service(compose, "db")
+    mounts = [str(volume).split(":") for volume in db["volumes"]]
+    assert ["postgres-data", "/var/lib/postgresql/data"] in mounts
+    assert "postgres-data" in compose["volumes"]
+    for name in ("release", "web", "worker"):
+        url = urlsplit(str(service(compose, name)["environment"]["DATABASE_URL"]))
+        assert (url.scheme, url.hostname, url.port) == ("postgresql", "db", 5432), name
+    for name in ("web", "worker"):
+        waits = service(compose, name)["depends_on"]
+        assert waits["release"] == {"condition": "service_completed_successfully"}
+        assert waits["db"] == {"condition": "service_healthy"}
+    release = service(compose, "release")["command"]
+    assert release[:2] == ["sh", "-c"] and release[2] == procfile()["release"], (
+        "the release service must run the Procfile's release line"
+    )
 
 
 def test_compose_has_the_services(compose: dict[str, Any]) -> None:
@@ -786,10 +813,11 @@ def test_app_json_has_redis_python_and_the_procfile_processes(app_json: dict[str
 
 
 def test_app_json_generates_the_api_key(app_json: dict[str, Any]) -> None:
-    api_key = app_json["env"]["API_KEY"]
-    assert api_key["generator"] == "secret"
-    assert api_key.get("required", True) is True
-    assert "value" not in api_key
+    for name in ("API_KEY", "SECRET_KEY"):
+        api_key = app_json["env"][name]
+        assert api_key["generator"] == "secret", name
+        assert api_key.get("required", True) is True, name
+        assert "value" not in api_key, name
     assert app_json["env"]["METRICS_TOKEN"].get("required") is False
 
 

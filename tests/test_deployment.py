@@ -1,5 +1,6 @@
 """Deployments in one process: the rules, the routes, the choice per request, the guard,
-the bandit, auto-promotion, the store's compare-and-set on a real Redis, and the CLI.
+the bandit, auto-promotion, the store's compare-and-set in a real SQLite database (and on a
+real PostgreSQL server in tests/test_deployment_durable.py), and the CLI.
 
 The candidate is a real `.tflite` trained on shuffled labels (the `two_versions` fixture);
 gunicorn with two workers is in tests/test_deployment_live.py.
@@ -7,6 +8,7 @@ gunicorn with two workers is in tests/test_deployment_live.py.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import random
@@ -22,12 +24,13 @@ import pytest
 from apiflask import APIFlask
 from flask.testing import FlaskClient
 
-from mnist_api import create_app, metrics
+from mnist_api import create_app, db, metrics
+from mnist_api.auth import admin_identity
 from mnist_api.config import PROJECT_ROOT, ConfigError, Settings
 from mnist_api.deployment import Deployment, GuardSettings, ab_position
 from mnist_api.deployment_manager import DeploymentManager
 from mnist_api.deployment_router import AutoPromote, DeploymentRouter
-from mnist_api.deployment_store import MemoryDeploymentStore, RedisDeploymentStore
+from mnist_api.deployment_store import MemoryDeploymentStore, SqlDeploymentStore
 from mnist_api.errors import DeploymentStoreUnavailable, InvalidDeployment
 from mnist_api.extensions import DEPLOYMENTS, ROUTER
 from mnist_api.guard import (
@@ -37,8 +40,7 @@ from mnist_api.guard import (
     worse_beyond_margin,
 )
 from tests.samples import as_paper, encode, sample
-from tools.redis_server import RedisServer
-from tools.services import API_KEYS, free_port, venv_env
+from tools.services import API_KEYS, TEST_SECRET_KEY, free_port, venv_env
 
 ADMIN = "admin-key-for-tests"
 ADMIN_HEADERS = {"x-api-key": ADMIN}
@@ -53,20 +55,36 @@ ROUTES = [
 ADMIN_ROUTES = [route for route in ROUTES if route[0] != "get"]
 
 
+def migrated_database(folder: Path) -> str:
+    """A fresh SQLite database with every migration applied (the store's tables)."""
+    url = f"sqlite:///{folder / 'service.db'}"
+    db.upgrade(url)
+    return url
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> str:
+    """A migrated SQLite database of this test's own (never the repository's file)."""
+    return migrated_database(tmp_path)
+
+
 def png_of(digit: int) -> bytes:
     return encode(as_paper(sample(digit)))
 
 
 @pytest.fixture(scope="module")
-def deploy_app(two_versions: tuple[Path, str, str]) -> Iterator[APIFlask]:
-    """An app with two installed versions, an admin key, the deployment in the process."""
+def deploy_app(
+    two_versions: tuple[Path, str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[APIFlask]:
+    """An app with two installed versions, an admin key, the deployment in its database."""
     folder, stable, _ = two_versions
     settings = Settings(
         api_keys=API_KEYS,
-        secret_key="deployment-test-secret",
+        secret_key=TEST_SECRET_KEY,
         admin_api_keys=(ADMIN,),
         models_dir=folder,
         default_model_version=stable,
+        database_url=migrated_database(tmp_path_factory.mktemp("deploy-db")),
         log_format="text",
         log_level="WARNING",
         rate_limit="",
@@ -138,8 +156,10 @@ def test_put_answers_the_new_deployment_and_routes_by_it(
     body = response.get_json()
     assert (body["strategy"], body["stable"], body["candidate"]) == ("canary", stable, bad)
     assert body["id"] != before["id"]
-    assert body["updated_by"] not in (ADMIN, "")  # a fingerprint, never the key
-    assert len(body["updated_by"]) == 8
+    # A fingerprint keyed with SECRET_KEY, never the key nor a plain hash of it.
+    assert body["updated_by"] == admin_identity(ADMIN, (), TEST_SECRET_KEY)
+    assert body["updated_by"].startswith("key-") and len(body["updated_by"]) == 20
+    assert hashlib.sha256(ADMIN.encode()).hexdigest()[:8] not in body["updated_by"]
     answer = api.post(
         "/predict", data=png_of(3), headers={**USER_HEADERS, "Content-Type": "image/png"}
     )
@@ -224,10 +244,14 @@ def test_an_admin_key_is_also_an_api_key(api: FlaskClient) -> None:
 
 
 def test_without_admin_keys_configured_changes_are_403_with_what_to_set(
-    two_versions: tuple[Path, str, str],
+    two_versions: tuple[Path, str, str], database_url: str
 ) -> None:
     settings = Settings(
-        api_keys=API_KEYS, secret_key="s", models_dir=two_versions[0], log_format="text"
+        api_keys=API_KEYS,
+        secret_key=TEST_SECRET_KEY,
+        models_dir=two_versions[0],
+        log_format="text",
+        database_url=database_url,
     )
     application = create_app(settings, load_model=False)
     try:
@@ -271,7 +295,9 @@ def test_promote_and_rollback_round_trip_with_history(
     assert [entry["reason"] for entry in history] == ["rollback", "promote", "manual"]
     assert history[0]["deployment"]["id"] == rolled["id"]
     assert history[1]["deployment"]["id"] == promoted["id"]
-    assert all(len(entry["updated_by"]) == 8 for entry in history)
+    assert {entry["updated_by"] for entry in history} == {
+        admin_identity(ADMIN, (), TEST_SECRET_KEY)
+    }
     assert all(entry["updated_at"] for entry in history)
 
 
@@ -543,16 +569,18 @@ def test_rollback_without_history_ends_the_experiment_or_is_400() -> None:
 
 
 @pytest.fixture
-def redis_store(redis_server: RedisServer) -> RedisDeploymentStore:
-    return RedisDeploymentStore.from_url(redis_server.url)
+def sql_store(database_url: str) -> Iterator[SqlDeploymentStore]:
+    store = SqlDeploymentStore.from_url(database_url)
+    yield store
+    store.dispose()
 
 
-def test_redis_compare_and_set_lets_exactly_one_writer_win(
-    redis_store: RedisDeploymentStore,
+def test_sql_compare_and_set_lets_exactly_one_writer_win(
+    sql_store: SqlDeploymentStore,
 ) -> None:
     base = Deployment(stable="aaaaaaaaaaaa").stamped("t")
-    assert redis_store.replace("", base, {"reason": "manual"})
-    assert not redis_store.replace("", base, {"reason": "manual"})
+    assert sql_store.replace("", base, {"reason": "manual"})
+    assert not sql_store.replace("", base, {"reason": "manual"})
     results: list[bool] = []
     barrier = threading.Barrier(16)
 
@@ -564,7 +592,7 @@ def test_redis_compare_and_set_lets_exactly_one_writer_win(
             candidate_share=number / 100,
         ).stamped(f"w{number}")
         barrier.wait()
-        results.append(redis_store.replace(base.id, new, {"reason": "manual", "n": number}))
+        results.append(sql_store.replace(base.id, new, {"reason": "manual", "n": number}))
 
     threads = [threading.Thread(target=write, args=(n,)) for n in range(16)]
     for thread in threads:
@@ -572,18 +600,18 @@ def test_redis_compare_and_set_lets_exactly_one_writer_win(
     for thread in threads:
         thread.join()
     assert results.count(True) == 1
-    stored = redis_store.load()
+    stored = sql_store.load()
     assert stored is not None
-    winner = redis_store.history(1)[0]["n"]
+    winner = sql_store.history(1)[0]["n"]
     assert (stored.updated_by, stored.candidate_share) == (f"w{winner}", winner / 100)
-    assert len(redis_store.history(100)) == 2
+    assert len(sql_store.history(100)) == 2
 
 
 def test_concurrent_changes_through_the_manager_each_land_whole(
-    redis_store: RedisDeploymentStore,
+    sql_store: SqlDeploymentStore,
 ) -> None:
     managers = [
-        DeploymentManager(redis_store, ("aaaaaaaaaaaa", "bbbbbbbbbbbb"), "aaaaaaaaaaaa")
+        DeploymentManager(sql_store, ("aaaaaaaaaaaa", "bbbbbbbbbbbb"), "aaaaaaaaaaaa")
         for _ in range(2)
     ]
     bodies = [
@@ -609,33 +637,45 @@ def test_concurrent_changes_through_the_manager_each_land_whole(
     assert len({answer.id for answer in answers}) == 2
 
 
-def test_redis_down_fails_changes_with_503_and_keeps_serving(
-    redis_server: RedisServer, redis_store: RedisDeploymentStore
-) -> None:
-    manager = DeploymentManager(redis_store, ("aaaaaaaaaaaa", "bbbbbbbbbbbb"), "aaaaaaaaaaaa")
+def test_a_database_down_fails_changes_with_503_and_keeps_serving(tmp_path: Path) -> None:
+    url = migrated_database(tmp_path)
+    store = SqlDeploymentStore.from_url(url)
+    manager = DeploymentManager(store, ("aaaaaaaaaaaa", "bbbbbbbbbbbb"), "aaaaaaaaaaaa")
     router = DeploymentRouter(manager)
     router.close()
-    router.use(manager.apply({"strategy": "shadow", "candidate": "bbbbbbbbbbbb"}, by="t"))
-    redis_server.kill()
+    served = manager.apply({"strategy": "shadow", "candidate": "bbbbbbbbbbbb"}, by="t")
+    router.use(served)
+    # The file goes away (and the pooled connections with it): every query now fails.
+    (tmp_path / "service.db").rename(tmp_path / "away.db")
+    store.engine.dispose()
     with pytest.raises(DeploymentStoreUnavailable) as raised:
         manager.apply({"strategy": "single"}, by="t")
     assert (raised.value.status, raised.value.code) == (503, "deployment_unavailable")
     observe_many(router, "bbbbbbbbbbbb", 3, 0)
     router.sync()  # logs the outage, keeps everything
+    assert router.store_status() == "stale"
     assert router.route("k").shadow == "bbbbbbbbbbbb"
-    redis_server.start()  # an empty Redis: the counters kept in the process arrive now
-    router.sync()
+    (tmp_path / "service.db").unlink()  # the empty file SQLite made while looking
+    (tmp_path / "away.db").rename(tmp_path / "service.db")
+    store.engine.dispose()
+    router.sync()  # the counters kept in the process arrive now
+    assert router.store_status() == "ok"
+    assert manager.current() == served
+    assert store.counts(served.id)["bbbbbbbbbbbb"]["requests"] == 3
+    store.dispose()
 
 
 def test_put_with_the_store_down_is_503_deployment_unavailable(
-    two_versions: tuple[Path, str, str],
+    two_versions: tuple[Path, str, str], tmp_path: Path
 ) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
     settings = Settings(
         api_keys=API_KEYS,
-        secret_key="deployment-test-secret",
+        secret_key=TEST_SECRET_KEY,
         admin_api_keys=(ADMIN,),
         models_dir=two_versions[0],
-        redis_url=f"redis://127.0.0.1:{free_port()}/0",  # nobody listens there
+        database_url=f"sqlite:///{blocker / 'x.db'}",  # a file's "folder": never opens
         log_format="text",
         log_level="ERROR",
         rate_limit="",
@@ -674,11 +714,12 @@ def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_the_cli_changes_the_stored_deployment(
-    redis_server: RedisServer, two_versions: tuple[Path, str, str]
+    database_url: str, two_versions: tuple[Path, str, str]
 ) -> None:
     folder, stable, bad = two_versions
     env = {
-        "REDIS_URL": redis_server.url,
+        "DATABASE_URL": database_url,
+        "REDIS_URL": "",  # the deployment needs no Redis
         "MODELS_DIR": str(folder),
         "DEFAULT_MODEL_VERSION": stable,
     }
@@ -695,7 +736,7 @@ def test_the_cli_changes_the_stored_deployment(
         0.25,
     )
     assert shown["updated_by"] == "cli"
-    stored = RedisDeploymentStore.from_url(redis_server.url).load()
+    stored = SqlDeploymentStore.from_url(database_url).load()
     assert stored is not None and stored.id == shown["id"]
 
     for args, says in [
@@ -718,28 +759,26 @@ def test_the_cli_changes_the_stored_deployment(
     assert [entry["reason"] for entry in history] == ["rollback", "promote", "manual"]
 
 
-def test_the_cli_refuses_changes_without_redis(two_versions: tuple[Path, str, str]) -> None:
-    result = cli("shadow", two_versions[2], MODELS_DIR=str(two_versions[0]), REDIS_URL="")
-    assert result.returncode == 2
-    assert "REDIS_URL is not set" in result.stderr
-
-
-def test_the_cli_reports_redis_down(two_versions: tuple[Path, str, str]) -> None:
+def test_the_cli_reports_the_database_down(two_versions: tuple[Path, str, str]) -> None:
     result = cli(
         "shadow",
         two_versions[2],
         MODELS_DIR=str(two_versions[0]),
-        REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",
+        DATABASE_URL=f"postgresql://postgres@127.0.0.1:{free_port()}/none",  # nobody listens
     )
     assert result.returncode == 3
     assert "nothing was changed" in result.stderr
 
 
-def test_the_manager_api_for_other_code(two_versions: tuple[Path, str, str]) -> None:
+def test_the_manager_api_for_other_code(
+    two_versions: tuple[Path, str, str], database_url: str
+) -> None:
     """The calls the retrain pipeline and the release phase make."""
     folder, stable, bad = two_versions
     manager = DeploymentManager.from_settings(
-        Settings(api_keys=API_KEYS, models_dir=folder), (stable, bad), stable
+        Settings(api_keys=API_KEYS, models_dir=folder, database_url=database_url),
+        (stable, bad),
+        stable,
     )
     proposed = manager.apply(
         {"strategy": "shadow", "candidate": bad}, by="retrain", reason="manual"
@@ -794,13 +833,14 @@ def test_an_unexpected_upload_error_counts_against_its_version(
 
 
 def test_the_deployment_routes_count_against_the_per_key_rate_limit(
-    two_versions: tuple[Path, str, str],
+    two_versions: tuple[Path, str, str], database_url: str
 ) -> None:
     settings = Settings(
         api_keys=API_KEYS,
-        secret_key="deployment-test-secret",
+        secret_key=TEST_SECRET_KEY,
         admin_api_keys=(ADMIN,),
         models_dir=two_versions[0],
+        database_url=database_url,
         rate_limit="2/minute",
         log_format="text",
         log_level="ERROR",
@@ -816,6 +856,55 @@ def test_the_deployment_routes_count_against_the_per_key_rate_limit(
         assert (limited.status_code, limited.get_json()["code"]) == (429, "rate_limited")
     finally:
         application.extensions[ROUTER].close()
+
+
+def test_admin_keys_may_be_named_and_plain_keys_keep_working() -> None:
+    settings = Settings.from_env(
+        {"API_KEY": "k", "ADMIN_API_KEYS": "alice:s3cret:with-colon, plainkey, 9x:y"}
+    )
+    # "9x" is no name (names start with a letter): the whole entry is a plain key.
+    assert settings.admin_api_keys == ("s3cret:with-colon", "plainkey", "9x:y")
+    assert settings.admin_names == (("s3cret:with-colon", "alice"),)
+    assert "s3cret:with-colon" in settings.api_keys and "alice" not in str(settings.api_keys)
+    assert admin_identity("s3cret:with-colon", settings.admin_names, "secret") == "alice"
+    plain = admin_identity("plainkey", settings.admin_names, "secret")
+    # Keyed: another server secret gives another fingerprint, and none is the old plain hash.
+    assert plain != admin_identity("plainkey", settings.admin_names, "another secret")
+    assert hashlib.sha256(b"plainkey").hexdigest()[:8] not in plain
+
+
+def test_a_named_admin_is_named_in_the_history(
+    two_versions: tuple[Path, str, str], database_url: str
+) -> None:
+    settings = Settings.from_env(
+        {
+            "API_KEYS": ",".join(API_KEYS),
+            "ADMIN_API_KEYS": f"alice:{ADMIN}",
+            "SECRET_KEY": TEST_SECRET_KEY,
+            "MODELS_DIR": str(two_versions[0]),
+            "DATABASE_URL": database_url,
+            "RATE_LIMIT": "off",
+            "LOG_FORMAT": "text",
+        }
+    )
+    application = create_app(settings, load_model=False)
+    try:
+        client = application.test_client()
+        changed = client.put(
+            "/deployment",
+            json={"strategy": "shadow", "candidate": two_versions[2]},
+            headers=ADMIN_HEADERS,
+        )
+        assert changed.status_code == 200 and changed.get_json()["updated_by"] == "alice"
+        entry = client.get("/deployment/history", headers=USER_HEADERS).get_json()["history"][0]
+        assert entry["updated_by"] == entry["deployment"]["updated_by"] == "alice"
+    finally:
+        application.extensions[ROUTER].close()
+
+
+def test_without_a_secret_key_the_service_refuses_to_start() -> None:
+    with pytest.raises(ConfigError, match="SECRET_KEY"):
+        Settings(api_keys=API_KEYS).validate()
 
 
 def test_deployment_settings_from_the_environment() -> None:

@@ -1,7 +1,9 @@
-"""Deployments for real: gunicorn (2 workers, the Procfile) on a real redis-server, two
+"""Deployments for real: gunicorn (2 workers, the Procfile) with a real redis-server next
+to it, the deployment in the server's own SQLite database (start_web gives it one), two
 installed versions (the committed model and a real `.tflite` trained on shuffled labels).
 
-The tests share one server and run in file order; the last one kills Redis.
+The tests share one server and run in file order; the last one kills Redis. Without Redis,
+and with PostgreSQL (down, and outliving the container): tests/test_deployment_durable.py.
 """
 
 from __future__ import annotations
@@ -344,9 +346,39 @@ def test_two_admins_at_once_each_change_lands_whole(
     assert {key: final[key] for key in winner} == winner  # whole, not a mix of the two
 
 
-def test_redis_down_keeps_serving_and_refuses_changes(
+def test_flushdb_after_a_promotion_changes_nothing(
     server: LiveServer, redis_live: RedisServer, two_versions: tuple[Path, str, str]
 ) -> None:
+    """Issue 21: the deployment and its history live in the database, not in Redis. Before,
+    FLUSHDB fell back to the first-start default and the history was gone."""
+    _, stable, bad = two_versions
+    put(server, {"strategy": "canary", "candidate": bad, "candidate_share": 0.1})
+    promoted = admin_post(server, "/deployment/promote")
+    assert promoted["stable"] == bad
+    wait_everywhere(server, promoted["id"])
+    history = requests.get(
+        f"{server.url}/deployment/history?limit=50", headers={"x-api-key": KEYS[0]}, timeout=TIMEOUT
+    ).json()["history"]
+    assert redis_live.client().flushdb()
+    time.sleep(2.5)  # both workers have refreshed (DEPLOYMENT_REFRESH_SECONDS=1) since
+    for _ in range(20):
+        seen = deployment_seen(server)
+        assert (seen["id"], seen["stable"], seen["strategy"]) == (promoted["id"], bad, "single")
+    after = requests.get(
+        f"{server.url}/deployment/history?limit=50", headers={"x-api-key": KEYS[0]}, timeout=TIMEOUT
+    ).json()["history"]
+    assert after == history
+    assert Counter(predict(server) for _ in range(10)) == {full(bad): 10}
+    back = admin_post(server, "/deployment/rollback")  # for the next test
+    assert back["stable"] == stable
+    wait_everywhere(server, back["id"])
+
+
+def test_redis_down_changes_no_decision_and_changes_still_land(
+    server: LiveServer, redis_live: RedisServer, two_versions: tuple[Path, str, str]
+) -> None:
+    """Redis is a cache, a broker and a rate-limit counter: with it gone, the deployment (in
+    the database) still serves and still changes."""
     _, stable, bad = two_versions
     changed = put(
         server,
@@ -359,22 +391,10 @@ def test_redis_down_keeps_serving_and_refuses_changes(
     )
     wait_everywhere(server, changed["id"])
     redis_live.kill()
-    time.sleep(2.5)  # both workers' refresh loops have met the outage
+    time.sleep(2.5)  # both workers' refresh loops ran with Redis gone
     answers = Counter(predict(server) for _ in range(40))
     assert set(answers) == {full(stable), full(bad)}, answers  # still the canary
-    refused = requests.put(
-        f"{server.url}/deployment",
-        json={"strategy": "single"},
-        headers={"x-api-key": ADMIN},
-        timeout=TIMEOUT,
-    )
-    assert refused.status_code == 503
-    assert refused.json()["code"] == "deployment_unavailable"
-    for path in ("/deployment/promote", "/deployment/rollback"):
-        response = requests.post(
-            f"{server.url}{path}", headers={"x-api-key": ADMIN}, timeout=TIMEOUT
-        )
-        assert (response.status_code, response.json()["code"]) == (503, "deployment_unavailable")
-    for _ in range(20):
-        assert deployment_seen(server)["id"] == changed["id"]
+    single = put(server, {"strategy": "single"})
+    wait_everywhere(server, single["id"])
+    assert Counter(predict(server) for _ in range(10)) == {full(stable): 10}
     assert server.process.poll() is None

@@ -24,12 +24,12 @@ from sqlalchemy import create_engine, func, inspect, select, text
 from mnist_api import create_app, db
 from mnist_api.auth import key_fingerprint
 from mnist_api.config import Settings
-from mnist_api.extensions import CACHE, FEEDBACK, SERVICE
+from mnist_api.extensions import CACHE, FEEDBACK, ROUTER, SERVICE
 from mnist_api.feedback import FeedbackStore, decode_input
 from mnist_api.prediction_ids import input_digest
 from mnist_api.preprocessing import preprocess
 from mnist_api.service import SingleRouter
-from mnist_api.tables import feedback
+from mnist_api.tables import feedback, metadata
 from tests.samples import as_paper, encode, sample
 from tools.postgres_server import PostgresServer, postgres_bin
 from tools.services import API_KEYS, free_port
@@ -111,12 +111,14 @@ def postgres() -> Iterator[PostgresServer]:
 
 
 @pytest.fixture(scope="module")
-def postgres_app(settings: Settings, postgres: PostgresServer) -> APIFlask:
+def postgres_app(settings: Settings, postgres: PostgresServer) -> Iterator[APIFlask]:
     application = create_app(
         settings.replace(database_url=postgres.url, database_timeout_seconds=2.0)
     )
     application.config["TESTING"] = True
-    return application
+    yield application
+    # Its deployment refresh reads this server: stop it before the server goes.
+    application.extensions[ROUTER].close()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -407,12 +409,32 @@ def test_postgres_down_is_503_predict_unaffected_and_back(
 
 
 def test_postgres_schema_comes_from_alembic(postgres: PostgresServer) -> None:
-    engine = create_engine(db.normalize_url(postgres.url))
+    assert_schema_is_the_tables(postgres.url)
+
+
+def test_sqlite_schema_comes_from_alembic(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    db.upgrade(url)
+    assert_schema_is_the_tables(url)
+
+
+def assert_schema_is_the_tables(url: str) -> None:
+    """At the newest revision, and exactly the tables mnist_api/tables.py describes (the
+    deployment's three tables of issue 21 included): Alembic finds nothing to change."""
+    from alembic.autogenerate import compare_metadata  # noqa: PLC0415
+    from alembic.runtime.migration import MigrationContext  # noqa: PLC0415
+    from alembic.script import ScriptDirectory  # noqa: PLC0415
+
+    head = ScriptDirectory.from_config(db.alembic_config(url)).get_current_head()
+    engine = create_engine(db.normalize_url(url))
     try:
         with engine.connect() as connection:
             revision = connection.execute(text("select version_num from alembic_version"))
-            assert revision.scalar_one() == "0001_feedback"
-        assert {"feedback", "candidate_proposals"} <= set(inspect(engine).get_table_names())
+            assert revision.scalar_one() == head
+            assert compare_metadata(MigrationContext.configure(connection), metadata) == []
+        names = set(inspect(engine).get_table_names())
+        assert {"feedback", "candidate_proposals"} <= names
+        assert {"deployment_state", "deployment_history", "deployment_counts"} <= names
     finally:
         engine.dispose()
 

@@ -1,8 +1,8 @@
 """The release phase's candidate proposal: found in the cards, applied once, never failing.
 
-`propose_candidate` is the one adapter to the deployment manager: with a real redis-server
-it starts the canary or bandit there (the store every web worker reads); without Redis it
-applies nothing and says how to start it.
+`propose_candidate` is the one adapter to the deployment manager: it starts the canary or
+bandit in the database (the store every web worker reads; no Redis needed). The retrain
+gate's stable is the stable of the deployment stored there.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from mnist_api.config import PROJECT_ROOT, Settings
 from mnist_api.proposals import Proposal, pending_proposal, release
 from mnist_api.registry import ModelRegistry
 from mnist_api.tables import candidate_proposals
-from tools.redis_server import RedisServer
+from tools.services import free_port
 
 STABLE = "fe5e4f4d480b"
 
@@ -53,22 +53,11 @@ def test_the_newest_proposed_card_is_found(proposed: tuple[Settings, str]) -> No
     }
 
 
-def test_without_redis_nothing_is_applied_or_recorded(
+def test_a_proposal_starts_the_candidate_in_the_database_once(
     proposed: tuple[Settings, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    settings, _ = proposed
-    assert release(settings) == 0
-    assert "PUT /deployment" in capsys.readouterr().out
-    assert recorded(settings) == []
-
-
-def test_a_proposal_starts_the_candidate_in_redis_once(
-    proposed: tuple[Settings, str],
-    redis_server: RedisServer,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
     settings, version = proposed
-    settings = settings.replace(redis_url=redis_server.url)
+    assert not settings.redis_url
     assert release(settings) == 0
     manager = proposals._manager(settings)
     deployment = manager.current()
@@ -85,6 +74,39 @@ def test_a_proposal_starts_the_candidate_in_redis_once(
     assert manager.current().id == deployment.id
     assert recorded(settings) == [(version, "bandit")]
     assert "was proposed before" in capsys.readouterr().out
+    manager.store.dispose()
+
+
+def test_the_gate_stable_is_the_stable_in_force_after_a_promotion(
+    proposed: tuple[Settings, str],
+) -> None:
+    """Issue 21: not "the newest version not marked proposed" (STABLE here) once an admin
+    promoted the candidate, and without Redis as the scheduled workflow runs it."""
+    settings, version = proposed
+    registry = ModelRegistry.discover(settings.models_dir)
+    assert registry.default_version() == STABLE
+    manager = proposals._manager(settings)
+    manager.apply({"strategy": "canary", "candidate": version}, by="t")
+    manager.promote(by="t")
+    manager.store.dispose()
+    assert proposals.stable_version(settings, registry) == version
+
+
+def test_the_gate_refuses_a_stable_it_cannot_know(
+    proposed: tuple[Settings, str], tmp_path: Path
+) -> None:
+    settings, version = proposed
+    down = settings.replace(database_url=f"postgresql://postgres@127.0.0.1:{free_port()}/x")
+    with pytest.raises(proposals.StableUnknown, match="cannot be read"):
+        proposals.stable_version(down, ModelRegistry.discover(settings.models_dir))
+    manager = proposals._manager(settings)
+    manager.apply({"strategy": "canary", "candidate": version}, by="t")
+    manager.promote(by="t")
+    manager.store.dispose()
+    elsewhere = tmp_path / "only-stable"
+    shutil.copytree(settings.models_dir / STABLE, elsewhere / STABLE)
+    with pytest.raises(proposals.StableUnknown, match="not installed"):
+        proposals.stable_version(settings, ModelRegistry.discover(elsewhere))
 
 
 def test_a_proposed_version_is_not_the_default_stable(proposed: tuple[Settings, str]) -> None:

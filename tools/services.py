@@ -20,7 +20,7 @@ import requests
 from mnist_api.config import PROJECT_ROOT
 
 API_KEYS = ("test-key-one", "test-key-two")
-# Signs prediction ids in tests only (production refuses to start without SECRET_KEY).
+# The server secret of every service the tests start (production requires its own).
 TEST_SECRET_KEY = "test-secret-key-not-for-production"
 
 
@@ -44,6 +44,7 @@ def procfile_command(process: str) -> list[str]:
 def venv_env(**extra: str) -> dict[str, str]:
     """This process's environment with the venv's bin first on PATH, plus `extra`."""
     env = dict(os.environ)
+    env.setdefault("SECRET_KEY", TEST_SECRET_KEY)  # a service started from here needs one
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.update(extra)
     return env

@@ -14,7 +14,9 @@ Gates (all must pass; the report says which did not):
 - (b) the newest feedback, held out from training: strictly better than stable.
 
 Exit status: 0 when the challenger was installed (and proposed), 1 when it was refused
-(nothing installed, nothing proposed), 2 on a usage error. A report (markdown + PNG) is
+(nothing installed, nothing proposed), 2 on a usage error or when the deployment in force
+cannot be read (the gate's stable is the stable of that deployment, read from the same
+database as the feedback: never "the newest installed version"). A report (markdown + PNG) is
 written either way into `--report-dir`, and next to the new version when installed.
 """
 
@@ -37,7 +39,7 @@ from typing import Any
 from mnist_api.config import Settings
 from mnist_api.feedback import FeedbackRows
 from mnist_api.model import MODEL_NAME, DigitModel
-from mnist_api.proposals import Proposal, propose_candidate, stable_version
+from mnist_api.proposals import Proposal, StableUnknown, propose_candidate, stable_version
 from mnist_api.registry import CARD_FILE, TFLITE_FILE, ModelRegistry
 from training import challenger as challenger_model
 from training import report as reporting
@@ -120,9 +122,16 @@ def run(args: argparse.Namespace) -> int:
     """Train, gate, report; install and propose only a challenger that passes."""
     started = time.monotonic()
     settings = Settings.from_env()
+    if args.database_url:  # the feedback, the deployment in force and the proposal: one place
+        settings = settings.replace(database_url=args.database_url)
     models_dir: Path = args.models_dir or settings.models_dir
+    settings = settings.replace(models_dir=models_dir)
     registry = ModelRegistry.discover(models_dir)
-    stable = registry.get(args.stable or stable_version(settings, registry))
+    try:
+        stable = registry.get(args.stable or stable_version(settings, registry))
+    except StableUnknown as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     stable.load()
     rules = FeedbackRules(
         max_key_share=settings.evidence_max_share_per_key,

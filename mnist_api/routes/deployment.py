@@ -8,7 +8,7 @@ from apiflask import APIBlueprint
 from flask import request
 
 from mnist_api import schemas
-from mnist_api.auth import API_KEY_HEADER, api_key_auth, key_fingerprint, key_matches
+from mnist_api.auth import API_KEY_HEADER, admin_identity, api_key_auth, key_matches
 from mnist_api.errors import Forbidden, InvalidDeployment
 from mnist_api.extensions import get_deployments, get_router, get_settings
 
@@ -19,7 +19,8 @@ HISTORY_MAX = 100
 
 
 def _admin() -> str:
-    """The admin's key fingerprint; `Forbidden` (403) for a valid key that is not an admin's.
+    """Who the admin is (its name, or a keyed fingerprint: `auth.admin_identity`);
+    `Forbidden` (403) for a valid key that is not an admin's.
 
     Runs after `api_key_auth`, so a missing or wrong key has already been answered 401.
     """
@@ -29,7 +30,7 @@ def _admin() -> str:
         raise Forbidden("No admin key is configured: set ADMIN_API_KEYS to change deployments.")
     if not key_matches(key, settings.admin_api_keys):
         raise Forbidden()
-    return key_fingerprint(key)
+    return admin_identity(key, settings.admin_names, settings.secret_key)
 
 
 def _answer(deployment: Any) -> dict[str, Any]:
@@ -109,8 +110,9 @@ def rollback() -> dict[str, Any]:
 @bp.output(schemas.DeploymentHistory)
 @bp.doc(
     summary="The last changes of the deployment, newest first",
-    description="Who (key fingerprint), when, why (manual, promote, rollback, guard, "
-    "auto_promote, with a detail sentence) and the deployment that resulted.",
+    description="Who (the admin's name from ADMIN_API_KEYS, or a fingerprint keyed with "
+    "SECRET_KEY; `cli`, `guard`, `release`, `retrain`), when, why (manual, promote, "
+    "rollback, guard, auto_promote, with a detail sentence) and the deployment that resulted.",
     responses=[401, 503],
 )
 def history(query: dict[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from apiflask import APIBlueprint
 
 from mnist_api import schemas
 from mnist_api.errors import NotReady
-from mnist_api.extensions import get_cache, get_feedback_store, get_jobs, get_model
+from mnist_api.extensions import get_cache, get_feedback_store, get_jobs, get_model, get_router
 
 bp = APIBlueprint("ops", __name__, tag="Operations")
 
@@ -36,4 +36,7 @@ def readyz() -> dict[str, Any]:
         "broker": get_jobs().broker_status(),
         # Reported, never failing readiness: only /feedback needs the database.
         "database": get_feedback_store().status(),
+        # The deployment's store is the same database: when it is down, every worker goes on
+        # serving the deployment it last read ("stale") and admin changes answer 503.
+        "deployment": get_router().store_status(),
     }
