@@ -27,6 +27,7 @@ MAX_VALUES = 10_000
 # A JSON string, escapes included; possessive, so it never backtracks (linear time).
 _STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"', re.DOTALL)
 _NOT_BRACKETS = bytes(byte for byte in range(256) if byte not in b"[]{}")
+_PAIR = re.compile(rb"\[\]|\{\}")  # an innermost pair of brackets
 _CHUNK = 1 << 16
 # What `measure` counts outside strings: separators, containers, members, float signs.
 _COUNTED = (b",", b"[", b"]", b"{", b"}", b":", b".", b"e", b"E")
@@ -55,6 +56,8 @@ def measure(text: bytes, max_values: int, max_depth: int = MAX_DEPTH) -> JsonSiz
     """
     if text.count(b'"') > 2 * max_values:
         raise JsonTooLarge(f"The JSON body holds more than {max_values} strings.")
+    if len(text) <= _CHUNK:
+        return _measure_small(text, max_values, max_depth)
     counts = dict.fromkeys(_COUNTED, 0)
     spans = []
     for found in _STRING.finditer(text):
@@ -85,6 +88,30 @@ def measure(text: bytes, max_values: int, max_depth: int = MAX_DEPTH) -> JsonSiz
     )
 
 
+def _measure_small(text: bytes, max_values: int, max_depth: int) -> JsonSize:
+    """`measure` of a short text (most bodies, a binary request's JSON part): its strings
+    blanked out in one copy, which costs less time than counting around each of them."""
+    skeleton, strings = _STRING.subn(b'""', text)
+    containers = skeleton.count(b"[") + skeleton.count(b"{")
+    values = 1 + skeleton.count(b",") + containers
+    if values > max_values:
+        raise JsonTooLarge(
+            f"The JSON body holds up to {values} values; this route takes at most {max_values}."
+        )
+    if skeleton.count(b"]") + skeleton.count(b"}") == containers:
+        _check_depth(skeleton.translate(None, _NOT_BRACKETS), max_depth)
+    return JsonSize(
+        size=len(text),
+        ascii=text.isascii(),
+        values=values,
+        containers=containers,
+        members=skeleton.count(b":"),
+        strings=strings,
+        string_bytes=len(text) - len(skeleton) + 2 * strings,
+        floats=skeleton.count(b".") + skeleton.count(b"e") + skeleton.count(b"E"),
+    )
+
+
 def _brackets(text: bytes, spans: list[tuple[int, int]]) -> bytes:
     """The brackets of `text` outside its strings, in order (read in chunks: no full copy)."""
     view = memoryview(text)
@@ -106,10 +133,10 @@ def _check_depth(brackets: bytes, max_depth: int) -> None:
     for _ in range(max_depth):
         if not brackets:
             return
-        reduced = brackets.replace(b"[]", b"").replace(b"{}", b"")
-        if len(reduced) == len(brackets):
+        # One scan for both kinds: two replaces in a row would take "{[]}" apart in one pass.
+        brackets, pairs = _PAIR.subn(b"", brackets)
+        if not pairs:
             return  # mismatched: not JSON
-        brackets = reduced
     if brackets and (b"[]" in brackets or b"{}" in brackets):
         raise JsonTooDeep(f"The JSON body is nested deeper than {max_depth} levels.")
 
