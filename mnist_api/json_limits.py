@@ -1,12 +1,13 @@
 """JSON bodies measured before they are parsed: how deep, how many values, what parsing costs.
 
 `measure()` looks at the raw bytes with a few C-speed passes (one regular expression finds
-the strings, then commas, brackets and colons are counted outside them) and refuses a body nested
-deeper than `max_depth` (`JsonTooDeep`) or holding more than `max_values` values
+the strings, then commas, brackets and colons are counted outside them) and refuses a body
+nested deeper than `max_depth` (`JsonTooDeep`) or holding more than `max_values` values
 (`JsonTooLarge`) before `json.loads` builds a single object; `loads()` then parses what
 passed, and turns the parser's own `RecursionError` into `JsonTooDeep` as well. The counts
-are upper bounds, so a body is never measured smaller than it parses. Pure functions: the
-app's JSON provider and the Open Inference Protocol codec both use them.
+are upper bounds, so a body is never measured smaller than it parses, and measuring holds
+at most a chunk of 64 KiB besides the body (a short body: one copy of it). Pure functions:
+the app's JSON provider and the Open Inference Protocol codec both use them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import json
 import re
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from mnist_api.errors import JsonTooDeep, JsonTooLarge
 
@@ -27,7 +30,12 @@ MAX_VALUES = 10_000
 # A JSON string, escapes included; possessive, so it never backtracks (linear time).
 _STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"', re.DOTALL)
 _NOT_BRACKETS = bytes(byte for byte in range(256) if byte not in b"[]{}")
-_PAIR = re.compile(rb"\[\]|\{\}")  # an innermost pair of brackets
+# Each bracket's step in nesting depth, looked up for a chunk at once.
+_STEPS = np.zeros(256, dtype=np.int64)
+_STEPS[list(b"[{")] = 1
+_STEPS[list(b"]}")] = -1
+_OPENING = frozenset(b"[{")
+_FEW = 256
 _CHUNK = 1 << 16
 # What `measure` counts outside strings: separators, containers, members, float signs.
 _COUNTED = (b",", b"[", b"]", b"{", b"}", b":", b".", b"e", b"E")
@@ -50,32 +58,34 @@ class JsonSize:
 def measure(text: bytes, max_values: int, max_depth: int = MAX_DEPTH) -> JsonSize:
     """Bounds of `text`; `JsonTooLarge` over `max_values` values, `JsonTooDeep` past `max_depth`.
 
-    Nothing is copied but the brackets: counts over the whole text, minus the counts inside
-    each string. Malformed JSON is not judged here (the parser refuses it); only a
-    well-formed nesting is measured for depth.
+    Malformed JSON is not judged here (the parser refuses it). A short text is measured on
+    one copy with its strings blanked out; a long one is counted around each string.
     """
     if text.count(b'"') > 2 * max_values:
         raise JsonTooLarge(f"The JSON body holds more than {max_values} strings.")
     if len(text) <= _CHUNK:
-        return _measure_small(text, max_values, max_depth)
-    counts = dict.fromkeys(_COUNTED, 0)
-    spans = []
-    for found in _STRING.finditer(text):
-        start, end = found.span()
-        spans.append((start, end))
+        skeleton, strings = _STRING.subn(b'""', text)
+        counts = {char: skeleton.count(char) for char in _COUNTED}
+        spans = [(0, 0)] * strings
+        string_bytes = len(text) - len(skeleton) + 2 * strings
+        outside = [skeleton]
+    else:
+        counts = dict.fromkeys(_COUNTED, 0)
+        spans = [found.span() for found in _STRING.finditer(text)]
+        for start, end in spans:
+            for char in _COUNTED:
+                counts[char] -= text.count(char, start, end)
         for char in _COUNTED:
-            counts[char] -= text.count(char, start, end)
-    for char in _COUNTED:
-        counts[char] += text.count(char)
+            counts[char] += text.count(char)
+        string_bytes = sum(end - start for start, end in spans)
+        outside = _between(text, spans)
     containers = counts[b"["] + counts[b"{"]
     values = 1 + counts[b","] + containers
     if values > max_values:
         raise JsonTooLarge(
             f"The JSON body holds up to {values} values; this route takes at most {max_values}."
         )
-    if counts[b"]"] + counts[b"}"] == containers:  # else malformed: left to the parser
-        _check_depth(_brackets(text, spans), max_depth)
-    string_bytes = sum(end - start for start, end in spans)
+    _check_depth(outside, max_depth)
     return JsonSize(
         size=len(text),
         ascii=text.isascii(),
@@ -88,57 +98,32 @@ def measure(text: bytes, max_values: int, max_depth: int = MAX_DEPTH) -> JsonSiz
     )
 
 
-def _measure_small(text: bytes, max_values: int, max_depth: int) -> JsonSize:
-    """`measure` of a short text (most bodies, a binary request's JSON part): its strings
-    blanked out in one copy, which costs less time than counting around each of them."""
-    skeleton, strings = _STRING.subn(b'""', text)
-    containers = skeleton.count(b"[") + skeleton.count(b"{")
-    values = 1 + skeleton.count(b",") + containers
-    if values > max_values:
-        raise JsonTooLarge(
-            f"The JSON body holds up to {values} values; this route takes at most {max_values}."
-        )
-    if skeleton.count(b"]") + skeleton.count(b"}") == containers:
-        _check_depth(skeleton.translate(None, _NOT_BRACKETS), max_depth)
-    return JsonSize(
-        size=len(text),
-        ascii=text.isascii(),
-        values=values,
-        containers=containers,
-        members=skeleton.count(b":"),
-        strings=strings,
-        string_bytes=len(text) - len(skeleton) + 2 * strings,
-        floats=skeleton.count(b".") + skeleton.count(b"e") + skeleton.count(b"E"),
-    )
-
-
-def _brackets(text: bytes, spans: list[tuple[int, int]]) -> bytes:
-    """The brackets of `text` outside its strings, in order (read in chunks: no full copy)."""
+def _between(text: bytes, spans: list[tuple[int, int]]) -> Any:
+    """The text outside its strings, as chunks of at most 64 KiB (copied one at a time)."""
     view = memoryview(text)
-    pieces, position = [], 0
+    position = 0
     for start, end in [*spans, (len(text), len(text))]:
         for chunk in range(position, start, _CHUNK):
-            piece = bytes(view[chunk : min(chunk + _CHUNK, start)])
-            pieces.append(piece.translate(None, _NOT_BRACKETS))
+            yield bytes(view[chunk : min(chunk + _CHUNK, start)])
         position = end
-    return b"".join(pieces)
 
 
-def _check_depth(brackets: bytes, max_depth: int) -> None:
-    """`JsonTooDeep` if the brackets nest deeper than `max_depth`.
-
-    Each pass removes every innermost pair, so a nesting of depth d is gone after d passes;
-    brackets that no pass can reduce are malformed, which the parser reports.
-    """
-    for _ in range(max_depth):
-        if not brackets:
-            return
-        # One scan for both kinds: two replaces in a row would take "{[]}" apart in one pass.
-        brackets, pairs = _PAIR.subn(b"", brackets)
-        if not pairs:
-            return  # mismatched: not JSON
-    if brackets and (b"[]" in brackets or b"{}" in brackets):
-        raise JsonTooDeep(f"The JSON body is nested deeper than {max_depth} levels.")
+def _check_depth(pieces: Any, max_depth: int) -> None:
+    """`JsonTooDeep` if the brackets of the text outside strings (`pieces`, in order) ever
+    stand open more than `max_depth` deep; a chunk's brackets are summed at once."""
+    level = 0
+    for piece in pieces:
+        brackets = piece.translate(None, _NOT_BRACKETS)
+        if len(brackets) <= _FEW:  # a small body's few brackets: NumPy would cost more
+            for byte in brackets:
+                level += 1 if byte in _OPENING else -1
+                if level > max_depth:
+                    raise JsonTooDeep(f"The JSON body is nested deeper than {max_depth} levels.")
+            continue
+        levels = np.cumsum(_STEPS[np.frombuffer(brackets, dtype=np.uint8)]) + level
+        if int(levels.max()) > max_depth:
+            raise JsonTooDeep(f"The JSON body is nested deeper than {max_depth} levels.")
+        level = int(levels[-1])
 
 
 def loads(

@@ -99,3 +99,17 @@ def test_the_parsers_recursion_is_a_400() -> None:
     with pytest.raises(ServiceError) as caught:
         json_limits.parse(b"[" * 100_000)
     assert caught.value.code == "json_too_deep"
+
+
+@pytest.mark.parametrize("pad", [0, json_limits._CHUNK])
+def test_depth_with_many_brackets_summed_at_once(pad: int) -> None:
+    """Hundreds of brackets go through NumPy's running sum, across chunk borders too."""
+    shallow = b" " * pad + json.dumps([[[0]] * 400] * 3).encode()
+    assert json_limits.measure(shallow, 10**6, max_depth=3).containers == 1 + 3 + 1200
+    with pytest.raises(ServiceError) as caught:
+        json_limits.measure(shallow, 10**6, max_depth=2)
+    assert caught.value.code == "json_too_deep"
+    deep = b" " * pad + b"[" + b"[0]," * 400 + b"[" * 40 + b"]" * 40 + b"]"
+    with pytest.raises(ServiceError) as caught:
+        json_limits.measure(deep, 10**6, max_depth=32)
+    assert caught.value.code == "json_too_deep"
