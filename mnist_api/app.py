@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from apiflask import APIFlask
+from flask.json.provider import DefaultJSONProvider
 from loguru import logger
 from sqlalchemy import Engine
 
@@ -12,6 +13,7 @@ from mnist_api import (
     cors,
     error_handlers,
     extensions,
+    json_limits,
     metrics,
     rate_limits,
     request_context,
@@ -42,6 +44,22 @@ from mnist_api.tasks import celery_init_app
 API_VERSION = "1.0.0"
 
 
+class BoundedJSONProvider(DefaultJSONProvider):
+    """Flask's JSON, except that a request body is measured before it is parsed.
+
+    `request.get_json()` on any route goes through `loads`: a body nested deeper than
+    `json_limits.MAX_DEPTH` or holding more than `json_limits.MAX_VALUES` values is a 400
+    (`json_too_deep`, `json_too_large`) even with `silent=True`, never the parser's
+    `RecursionError` as a 500.
+    """
+
+    sort_keys = False  # clients read keys in order
+
+    def loads(self, s: str | bytes, **kwargs: Any) -> Any:
+        """Parse a JSON text within the limits of `json_limits`."""
+        return json_limits.loads(s, **kwargs)
+
+
 def create_app(settings: Settings | None = None, *, load_model: bool = True) -> APIFlask:
     """Build the app from `settings` (default: the environment) and load every model version.
 
@@ -64,7 +82,7 @@ def create_app(settings: Settings | None = None, *, load_model: bool = True) -> 
         docs_path="/docs",
     )
     app.config.update(_flask_config(settings))
-    app.json.sort_keys = False  # type: ignore[attr-defined]  # clients read keys in order
+    app.json = BoundedJSONProvider(app)
     app.extensions[extensions.SETTINGS] = settings
 
     registry = ModelRegistry.discover(settings.models_dir)

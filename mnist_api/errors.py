@@ -200,6 +200,18 @@ class InvalidInferenceRequest(ServiceError):
     message = "The inference request does not follow the Open Inference Protocol."
 
 
+class JsonTooDeep(ServiceError):
+    status = 400
+    code = "json_too_deep"
+    message = "The JSON body is nested too deeply."
+
+
+class JsonTooLarge(ServiceError):
+    status = 400
+    code = "json_too_large"
+    message = "The JSON body holds more values than this route takes."
+
+
 class DeploymentStoreUnavailable(ServiceError):
     status = 503
     code = "deployment_unavailable"

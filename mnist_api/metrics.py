@@ -46,6 +46,10 @@ HTTP_REQUESTS = Counter(
     ["method", "status"],
     registry=None,
 )
+# Label values come from fixed sets, so no client can add series by inventing a method or a
+# path: other methods, and requests that matched no route, are counted as "other".
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+OTHER = "other"
 _FAST_SECONDS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
 
 INFERENCE_SECONDS = Histogram(
@@ -315,11 +319,14 @@ def init_app(app: Flask, multiprocess: bool, token: str = "") -> None:
         rule = request.url_rule
         if rule is not None and rule.endpoint == "prometheus_metrics":
             return response
-        status = str(response.status_code)
+        status = http_status_label(response.status_code)
+        method = http_method_label(request.method)
         started = g.get("started")
         seconds = time.perf_counter() - started if started is not None else 0.0
-        HTTP_SECONDS.labels(request.method, str(rule), status).observe(seconds)
-        HTTP_REQUESTS.labels(request.method, status).inc()
+        HTTP_SECONDS.labels(method, str(rule) if rule is not None else OTHER, status).observe(
+            seconds
+        )
+        HTTP_REQUESTS.labels(method, status).inc()
         code = g.get("error_code")
         if code:
             ERRORS.labels(code).inc()
@@ -332,6 +339,16 @@ def init_app(app: Flask, multiprocess: bool, token: str = "") -> None:
     def _leave(_exc: BaseException | None) -> None:
         if g.pop("in_flight", False):  # always, even if a response never got built
             IN_FLIGHT.dec()
+
+
+def http_method_label(method: str) -> str:
+    """The method as a label: one of HTTP_METHODS, else "other"."""
+    return method if method in HTTP_METHODS else OTHER
+
+
+def http_status_label(status: int) -> str:
+    """The status code as a label: a real HTTP status (100..599), else "other"."""
+    return str(status) if 100 <= status <= 599 else OTHER
 
 
 def _process_registry() -> CollectorRegistry:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,6 +20,7 @@ import PIL
 from loguru import logger
 from PIL import Image
 
+from mnist_api import decoding as decoding_module
 from mnist_api import metrics
 from mnist_api import preprocessing as preprocessing_module
 from mnist_api.cache import PredictionCache, RidesAlong, cache_key
@@ -49,14 +50,30 @@ def limits_from(settings: Settings) -> Limits:
 
 
 @cache
-def preprocessing_version() -> str:
-    """8 hex digits that change whenever the preprocessing code or the decoder changes.
+def _code_digest() -> bytes:
+    """SHA-256 of the code that turns upload bytes into the model's input, and its libraries.
 
-    A hash of `preprocessing.py` itself and of Pillow's version, so nobody has to remember
-    to bump a number: any deploy that could change what the model sees gets new cache keys.
+    `preprocessing.py` and `decoding.py` themselves, Pillow's and NumPy's versions: nobody
+    has to remember to bump a number, any deploy that could change what the model sees
+    changes it.
     """
-    source = Path(preprocessing_module.__file__).read_bytes()
-    return hashlib.sha256(source + PIL.__version__.encode()).hexdigest()[:8]
+    digest = hashlib.sha256()
+    for module in (preprocessing_module, decoding_module):
+        digest.update(Path(str(module.__file__)).read_bytes())
+    digest.update(f"Pillow {PIL.__version__} NumPy {np.__version__}".encode())
+    return digest.digest()
+
+
+def preprocessing_version(limits: Limits | None = None) -> str:
+    """8 hex digits that change whenever anything that decides an upload's answer changes.
+
+    The decoding and preprocessing code (`_code_digest`) and the settings that change the
+    decoded pixels or whether an upload is taken at all: the decode memory budget (it picks
+    the scale a large image is decoded at) and the pixel cap.
+    """
+    limits = limits or Limits()
+    settings = f"budget={limits.capacity} max_pixels={limits.max_pixels}".encode()
+    return hashlib.sha256(_code_digest() + settings).hexdigest()[:8]
 
 
 @dataclass(frozen=True)
@@ -143,10 +160,15 @@ class PredictionService:
     cache: PredictionCache
     router: Router
     low_confidence_threshold: float = 0.6
-    # Part of every cache key: a deploy that changes preprocessing never serves old answers.
-    preprocessing: str = field(default_factory=preprocessing_version)
+    # Part of every cache key: a deploy that changes decoding, preprocessing or the decode
+    # settings never serves old answers ("": computed from the code and `limits`).
+    preprocessing: str = ""
     # Signs each answer's `prediction_id` (SECRET_KEY); None (tools only): answers carry none.
     ids: PredictionIds | None = None
+
+    def __post_init__(self) -> None:
+        if not self.preprocessing:
+            self.preprocessing = preprocessing_version(self.limits)
 
     @classmethod
     def from_settings(cls, settings: Settings, cache: PredictionCache) -> PredictionService:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 import subprocess
 import threading
 import time
@@ -12,18 +13,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
+import requests
 from apiflask import APIFlask
 from flask.testing import FlaskClient
 from loguru import logger
 
 from mnist_api import create_app
 from mnist_api.cache import CacheHooks, MemoryCache, RedisCache, build_cache
-from mnist_api.config import Settings
+from mnist_api.config import PROJECT_ROOT, Settings
 from mnist_api.extensions import CACHE, SERVICE
 from mnist_api.model import DigitModel
 from tests.samples import as_paper, encode, sample
+from tools.decode_memory import small_digit
 from tools.redis_server import RedisServer
-from tools.services import free_port
+from tools.services import free_port, start_web, stop
 
 
 def png_of(digit: int, nonce: int = 0) -> bytes:
@@ -287,3 +290,59 @@ def test_lookups_and_outages_are_reported() -> None:
     memory.set_many({"a": {"v": 1}})
     memory.get_many(["a", "b", "c"])
     assert lookups == {"error": 2, "hit": 1, "miss": 2}
+
+
+def project_copy(tmp_path: Path) -> Path:
+    """A copy of the service's code (models, page and tools shared by links) to change."""
+    root = tmp_path / "project"
+    root.mkdir()
+    for name in ("mnist_api", "tools"):
+        shutil.copytree(
+            PROJECT_ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    for name in ("api.py", "gunicorn.conf.py", "Procfile", "make_celery.py"):
+        shutil.copy2(PROJECT_ROOT / name, root / name)
+    for name in ("models", "templates", "static"):
+        (root / name).symlink_to(PROJECT_ROOT / name)
+    return root
+
+
+def test_the_cache_key_covers_decoding_and_the_decode_budget(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Issue 22: after a change to decoding.py or to a DECODE_MEMORY_BUDGET_MB that changes
+    the decode scale, gunicorn on the same Redis served the old answers (X-Cache: HIT)."""
+    # A 160 px digit in a 12 MP JPEG: the budget decides how fine its second decode is
+    # (24 MiB: 1/4 scale, 64 MiB: 1/2), so the two settings give different pixels.
+    data = small_digit("JPEG")
+
+    def cache_of(root: Path, budget_mb: int) -> list[str]:
+        server = start_web(
+            tmp_path,
+            root=root,
+            REDIS_URL=redis_server.url,
+            WEB_CONCURRENCY="1",
+            DECODE_MEMORY_BUDGET_MB=str(budget_mb),
+        )
+        try:
+            answers = [
+                requests.post(
+                    f"{server.url}/predict",
+                    data=data,
+                    headers={"x-api-key": server.api_key, "Content-Type": "image/jpeg"},
+                    timeout=30,
+                )
+                for _ in range(2)
+            ]
+        finally:
+            stop(server.process)
+        assert [answer.status_code for answer in answers] == [200, 200]
+        return [answer.headers["X-Cache"] for answer in answers]
+
+    assert cache_of(PROJECT_ROOT, 24) == ["MISS", "HIT"]
+    assert cache_of(PROJECT_ROOT, 24) == ["HIT", "HIT"]  # a restart alone keeps the answers
+    assert cache_of(PROJECT_ROOT, 64) == ["MISS", "HIT"]  # another decode scale: recomputed
+    changed = project_copy(tmp_path)
+    decoding = changed / "mnist_api" / "decoding.py"
+    decoding.write_text(decoding.read_text() + "\n# a deploy that changed the decoder\n")
+    assert cache_of(changed, 64) == ["MISS", "HIT"]  # other decoding code: recomputed

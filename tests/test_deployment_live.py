@@ -346,6 +346,30 @@ def test_two_admins_at_once_each_change_lands_whole(
     assert {key: final[key] for key in winner} == winner  # whole, not a mix of the two
 
 
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        (b'{"strategy": ' + b"[" * 5000 + b"]" * 5000 + b"}", "json_too_deep"),
+        (b'{"strategy": ' + b"[" * 50_000, "json_too_large"),
+        (b'{"strategy": "single", "x": [' + b"0," * 20_000 + b"0]}", "json_too_large"),
+    ],
+)
+def test_a_too_deep_or_too_large_json_body_is_a_400_and_changes_nothing(
+    server: LiveServer, body: bytes, code: str
+) -> None:
+    """Issue 22: deeply nested JSON on PUT /deployment was a 500 (RecursionError)."""
+    before = deployment_seen(server)
+    response = requests.put(
+        f"{server.url}/deployment",
+        data=body,
+        headers={"x-api-key": ADMIN, "Content-Type": "application/json"},
+        timeout=TIMEOUT,
+    )
+    assert response.status_code == 400, response.text
+    assert response.json() == {"error": response.json()["error"], "code": code}
+    assert deployment_seen(server)["id"] == before["id"]
+
+
 def test_flushdb_after_a_promotion_changes_nothing(
     server: LiveServer, redis_live: RedisServer, two_versions: tuple[Path, str, str]
 ) -> None:

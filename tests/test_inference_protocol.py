@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import struct
+import tracemalloc
 from typing import Any
 
 import numpy as np
@@ -13,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mnist_api import inference_protocol as protocol
+from mnist_api.decode_budget import DecodeBudget
 from mnist_api.errors import MissingFile, ServiceError, TooManyFiles
 from mnist_api.inference_protocol import HEADER_LENGTH, Limits, build_response, parse_request
 
@@ -125,7 +127,6 @@ def image_json(count: int, data: Any = None, **extra: Any) -> bytes:
         (b"", None, "empty"),
         (b"{not json", None, "not valid JSON"),
         (b"\xff\xfe\x00garbage", None, "not valid JSON"),
-        (b"[" * 100_000, None, "not valid JSON"),
         (b"[1, 2]", None, "JSON object"),
         (b'{"inputs": []}', None, "one input"),
         (b'{"inputs": {}}', None, "one input"),
@@ -196,6 +197,44 @@ def test_malformed_requests_are_refused_with_a_sentence(
     error = refused(body, header_length)
     assert error.status == 400 and error.code == "invalid_inference_request"
     assert words in error.message, error.message
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        (b"[" * 100_000, "json_too_large"),  # more values than a full batch
+        (b"[" * 5000, "json_too_deep"),  # not JSON, but deep enough to crash a parser
+        (b"[" * 40 + b"]" * 40, "json_too_deep"),
+        (
+            b'{"inputs": [{"name": "pixels", "parameters": '
+            + b'{"a": ' * 33
+            + b"1"
+            + b"}" * 34
+            + b"]}",
+            "json_too_deep",
+        ),
+        (json.dumps({"inputs": [], "id": [0] * LIMITS.max_values}).encode(), "json_too_large"),
+    ],
+)
+def test_too_deep_or_too_large_json_is_refused_before_parsing(body: bytes, code: str) -> None:
+    error = refused(body)
+    assert error.status == 400 and error.code == code, error.message
+
+
+def test_a_body_over_the_decode_budget_is_refused_and_one_within_it_reserves_its_cost() -> None:
+    values = np.full((16, 28, 28), 0.123456, np.float32)
+    body, _ = pixels_request(values, "FP32", binary=False)
+    cost = protocol.parse_cost(protocol.json_limits.measure(body, LIMITS.max_values), 0)
+    small = Limits(8, 16, DecodeBudget(cost - 1, 0))
+    with pytest.raises(ServiceError) as caught:
+        parse_request(body, None, small)
+    assert caught.value.code == "json_too_large" and "MiB" in caught.value.message
+    budget = DecodeBudget(cost, 0)
+    with budget.reserve(1), pytest.raises(ServiceError) as busy:
+        parse_request(body, None, Limits(8, 16, budget))
+    assert busy.value.code == "server_busy"  # another parse holds part of the budget
+    pixels = parse_request(body, None, Limits(8, 16, budget)).pixels
+    assert pixels is not None and pixels.shape == (16, 28, 28) and budget.in_use == 0
 
 
 def pixels_json(values: list[Any], datatype: str = "FP32", count: int = 1) -> bytes:
@@ -463,3 +502,119 @@ def test_random_documents_raise_only_contract_errors(
 def test_module_names_what_the_contract_names() -> None:
     assert protocol.MODEL_NAME == "mnist"
     assert protocol.OUTPUTS == ("probabilities", "digit")
+
+
+# --- what parsing costs ---
+
+
+def test_floats_ints_and_floats_elsewhere_keep_their_places() -> None:
+    """Float literals are parsed into a compact array and put back in document order."""
+    grey = (np.arange(2 * 784) % 7 / 6).reshape(2, 28, 28)  # 0 and 1 are sent as ints
+    data = [int(v) if v in (0.0, 1.0) else float(v) for v in grey.ravel()]
+    document = {
+        "parameters": {"note": 0.25, "more": [1.5, 2.5]},  # floats before the data
+        "inputs": [
+            {
+                "parameters": {"x": 0.75},
+                "name": "pixels",
+                "datatype": "FP32",
+                "shape": [2, 28, 28],
+                "data": data,
+            }
+        ],
+        "outputs": [{"name": "digit", "parameters": {"y": 3.5}}],  # and after it
+    }
+    pixels = parse_request(json.dumps(document).encode(), None, LIMITS).pixels
+    assert pixels is not None
+    np.testing.assert_allclose(pixels, grey.astype(np.float32), atol=1e-7)
+
+
+def test_duplicate_keys_and_nan_literals_are_refused() -> None:
+    assert "same key twice" in refused(b'{"inputs": [], "inputs": []}').message
+    assert "no NaN or inf" in refused(pixels_json([0, 0, 0]).replace(b"0]", b"-Infinity]")).message
+
+
+def costly_bodies() -> dict[str, tuple[bytes, str | None]]:
+    """Bodies of every shape a client may send, at the size of the test limits."""
+    rng = np.random.default_rng(1)
+    grey = rng.integers(0, 256, (16, 28, 28), dtype=np.uint8)
+    fp32 = rng.random((16, 28, 28), dtype=np.float32)
+    images = [bytes(rng.integers(0, 256, 3000, dtype=np.uint8)) for _ in range(8)]
+    tensor = {"name": "image", "datatype": "BYTES", "shape": [8]}
+    raw = bytes_elements(*images)
+    return {
+        "fp32 flat": pixels_request(fp32, "FP32", binary=False),
+        "fp32 nested [N,28,28,1]": (
+            json.dumps(
+                {
+                    "inputs": [
+                        {
+                            "name": "pixels",
+                            "datatype": "FP32",
+                            "shape": [16, 28, 28, 1],
+                            "data": fp32[..., None].tolist(),
+                        }
+                    ]
+                }
+            ).encode(),
+            None,
+        ),
+        "uint8 nested": (
+            json.dumps(
+                {
+                    "inputs": [
+                        {
+                            "name": "pixels",
+                            "datatype": "UINT8",
+                            "shape": [16, 28, 28],
+                            "data": grey.tolist(),
+                        }
+                    ]
+                }
+            ).encode(),
+            None,
+        ),
+        "uint8 binary": pixels_request(grey, "UINT8", binary=True),
+        "fp32 binary": pixels_request(fp32, "FP32", binary=True),
+        "base64 images": (
+            json.dumps(
+                {
+                    "id": "é" * 10,
+                    "inputs": [{**tensor, "data": [base64.b64encode(i).decode() for i in images]}],
+                }
+            ).encode(),
+            None,
+        ),
+        "binary images": binary_body(
+            {"inputs": [{**tensor, "parameters": {"binary_data_size": len(raw)}}]}, raw
+        ),
+        "big ints (refused)": (pixels_json([1000] * 784, "UINT8"), None),
+        "many strings (refused)": (pixels_json(["x" * 20] * 784, "UINT8"), None),
+    }
+
+
+@pytest.mark.parametrize("name", list(costly_bodies()))
+def test_the_cost_estimate_covers_what_parsing_really_holds(name: str) -> None:
+    """What is reserved covers the peak of what is parsed under the reservation (the
+    measure before it holds at most one 64 KiB chunk, or a short body's copy)."""
+    body, length = costly_bodies()[name]
+    header, tail = protocol.split_body(body, length)
+    estimate = protocol.parse_cost(
+        protocol.json_limits.measure(header, LIMITS.max_values), len(tail), length is not None
+    )
+    if length is not None:  # the JSON part's copy was made by split_body
+        header = bytes(header)
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        baseline = tracemalloc.get_traced_memory()[0]
+        try:
+            result = protocol._parse(header, tail, LIMITS)
+        except ServiceError:
+            result = None
+        peak = tracemalloc.get_traced_memory()[1] - baseline
+    finally:
+        tracemalloc.stop()
+    del result
+    print(f"{name}: body {len(body)}, estimate {estimate}, peak {peak}")
+    assert peak <= estimate, (name, peak, estimate)

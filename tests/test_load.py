@@ -1,17 +1,20 @@
 """Load and faults against real gunicorn (loopback, bounded, self-stopping).
 
 `make test` runs the short form (seconds); `make soak` runs the soak for 2 minutes. The soak
-mixes in large uploads and reports each worker's peak memory and Redis' memory at the end.
+mixes in large uploads and Open Inference Protocol bodies and reports each worker's peak
+memory and Redis' memory at the end.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,7 +24,7 @@ from PIL import Image
 from mnist_api.config import MIB, Settings
 from tests.samples import as_paper, encode, sample
 from tests.test_errors import pdf_file
-from tests.test_upload_memory import issue_png, large_png, large_webp
+from tests.test_upload_memory import V2_INFER, issue_png, large_png, large_webp, v2_nested_3200
 from tools.load import LoadResult, Shot, peak_rss_kib, reset_peak_rss, rss_kib, run_load
 from tools.redis_server import RedisServer
 from tools.services import start_web, stop
@@ -53,6 +56,37 @@ LARGE = [
 STOCK = Settings()
 
 
+def v2_pixels(count: int, binary: bool) -> bytes:
+    """A valid V2 infer body of `count` MNIST-form images, as JSON or binary tensor data."""
+    grey = np.random.default_rng(count).integers(0, 256, (count, 28, 28), dtype=np.uint8)
+    tensor: dict[str, Any] = {"name": "pixels", "datatype": "UINT8", "shape": [count, 28, 28]}
+    if not binary:
+        tensor["data"] = grey.tolist()
+        return json.dumps({"inputs": [tensor]}).encode()
+    tensor["parameters"] = {"binary_data_size": grey.size}
+    return json.dumps({"inputs": [tensor]}).encode() + grey.tobytes()
+
+
+V2_JSON = v2_pixels(64, binary=False)
+V2_BINARY = v2_pixels(1024, binary=True)
+V2_BINARY_HEADER = str(len(V2_BINARY) - 1024 * 28 * 28)
+# Open Inference Protocol bodies (issue 22): valid ones parsed within the decode budget (a
+# 200, or a 503 with Retry-After when it is full), and issue 22's nested 3,200-image JSON,
+# refused from its counts before parsing.
+V2 = [
+    Shot("v2_json_64", (200, 503), lambda n: V2_JSON, "application/json", path=V2_INFER),
+    Shot(
+        "v2_binary_1024",
+        (200, 503),
+        lambda n: V2_BINARY,
+        "application/octet-stream",
+        path=V2_INFER,
+        headers=(("Inference-Header-Content-Length", V2_BINARY_HEADER),),
+    ),
+    Shot("v2_issue_22", 400, lambda n: v2_nested_3200(), "application/json", path=V2_INFER),
+]
+
+
 def describe(result: LoadResult) -> str:
     return (
         f"{result.sent} requests in {result.seconds:.1f} s "
@@ -64,7 +98,7 @@ def describe(result: LoadResult) -> str:
 def test_soak_mixed_traffic(tmp_path: Path, redis_server: RedisServer, soak_seconds: float) -> None:
     server = start_web(tmp_path, REDIS_URL=redis_server.url, GUNICORN_MAX_REQUESTS="0")
     # About one request in seventeen is large: the small ones keep their share of the CPU.
-    shots = [replace(shot, weight=shot.weight * 4) for shot in MIXED] + LARGE
+    shots = [replace(shot, weight=shot.weight * 4) for shot in MIXED] + LARGE + V2
     try:
         pids = sorted(server.worker_pids_when(2))
         warm = run_load(
@@ -90,9 +124,10 @@ def test_soak_mixed_traffic(tmp_path: Path, redis_server: RedisServer, soak_seco
         assert result.failures == 0, describe(result)  # every bad input got its own 4xx
         assert set(result.by_shot) == {shot.name for shot in shots}
         # The README's worst case per worker: its settled size, the decode budget, and two
-        # copies of a request body per thread (these bodies are under 1 MiB), plus 8 MiB of
-        # allocator slack.
-        bound_kib = (STOCK.decode_memory_budget_mb + 2 * STOCK.threads + 8) * MIB // 1024
+        # copies of a request body per thread (the largest: issue 22's V2 body), plus 8 MiB
+        # of allocator slack.
+        bodies = 2 * STOCK.threads * len(v2_nested_3200())
+        bound_kib = ((STOCK.decode_memory_budget_mb + 8) * MIB + bodies) // 1024
         for pid in pids:
             assert after[pid] < before[pid] * 1.10, (pid, before[pid], after[pid])
             assert peak[pid] <= before[pid] + bound_kib, (pid, before[pid], peak[pid])

@@ -182,3 +182,28 @@ def test_metrics_token(settings: Settings) -> None:
     allowed = client.get("/metrics", headers={"Authorization": "Bearer s3cret"})
     assert allowed.status_code == 200
     assert "mnist_predictions" in allowed.get_data(as_text=True)
+
+
+def test_invented_methods_and_paths_add_no_series(live_server: LiveServer) -> None:
+    """Issue 22: `curl -X QWXA /nonexistent-QWXA` made 18 new series per invented method."""
+
+    def invent(word: str) -> None:
+        response = requests.request(word, f"{live_server.url}/nonexistent-{word}", timeout=5)
+        assert response.status_code in (404, 405), response.status_code
+
+    invent("QWX0")  # the first unknown request may create the "other" series once
+    before = samples(scrape(live_server))
+    for word in ("QWXA", "QWXB", "QWXC", "PROPFIND", "QWXD"):
+        invent(word)
+    after = samples(scrape(live_server))
+    assert set(after) == set(before)  # counts moved, no series appeared
+    assert not any("QWX" in str(key) or "nonexistent" in str(key) for key in after)
+
+    def others(found: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> float:
+        return sum(
+            value
+            for (name, labels), value in found.items()
+            if name == "flask_http_request_total" and ("method", "other") in labels
+        )
+
+    assert others(after) - others(before) == 5

@@ -389,6 +389,25 @@ def test_body_size_limit_holds(settings: Settings, auth: dict[str, str]) -> None
     assert_contract_error(client.post(INFER, data=body, headers=auth), 413, "payload_too_large")
 
 
+def test_too_deep_or_too_costly_json_is_a_400_before_parsing(
+    settings: Settings, auth: dict[str, str]
+) -> None:
+    """Issue 22: a V2 body's JSON is measured first; past a limit, a 400 with its code."""
+    client = create_app(settings.replace(decode_memory_budget_mb=3)).test_client()
+    deep = b'{"inputs": [{"name": "pixels", "data": ' + b"[" * 40 + b"]" * 40 + b"}]}"
+    assert_contract_error(client.post(INFER, data=deep, headers=auth), 400, "json_too_deep")
+    grey, _ = mnist_pixels(256)  # about 4.4 MiB to parse: more than a budget of 3 MiB
+    tensor = {"name": "pixels", "datatype": "UINT8", "shape": [256, 28, 28], "data": grey.tolist()}
+    response = client.post(INFER, json={"inputs": [tensor]}, headers=auth)
+    assert_contract_error(response, 400, "json_too_large")
+    assert "binary" in response.get_json()["error"]
+    grey, digits = mnist_pixels(8)  # a smaller batch fits the budget
+    tensor = {"name": "pixels", "datatype": "UINT8", "shape": [8, 28, 28], "data": grey.tolist()}
+    response = client.post(INFER, json={"inputs": [tensor]}, headers=auth)
+    assert response.status_code == 200, response.get_json()
+    assert output(response.get_json(), "digit")["data"] == digits
+
+
 def test_compressed_bodies_are_refused(client: FlaskClient, auth: dict[str, str]) -> None:
     response = client.post(INFER, data=b"\x1f\x8b", headers={**auth, "Content-Encoding": "gzip"})
     assert_contract_error(response, 415, "unsupported_media_type")

@@ -32,6 +32,8 @@ class Shot:
     content_type: str = "image/png"
     key_ok: bool = True
     weight: int = 1
+    path: str = "/predict"
+    headers: tuple[tuple[str, str], ...] = ()  # more request headers (a V2 header length)
 
 
 @dataclass
@@ -68,7 +70,8 @@ def run_load(
     max_requests: int = 1_000_000,
     seed: int = 0,
 ) -> LoadResult:
-    """Drive `url` + /predict with the mix for `seconds`; never more than `max_requests`."""
+    """Drive `url` + each shot's path with the mix for `seconds`; never more than
+    `max_requests`."""
     result = LoadResult()
     lock = threading.Lock()
     deadline = time.monotonic() + seconds
@@ -90,10 +93,11 @@ def run_load(
             headers = {
                 "Content-Type": shot.content_type,
                 "x-api-key": api_key if shot.key_ok else "wrong-key",
+                **dict(shot.headers),
             }
             try:
                 response = session.post(
-                    f"{url}/predict", data=shot.body(number), headers=headers, timeout=15
+                    f"{url}{shot.path}", data=shot.body(number), headers=headers, timeout=15
                 )
             except requests.RequestException as error:
                 session = requests.Session()  # the connection died with its worker

@@ -125,11 +125,14 @@ def stop(process: subprocess.Popen[bytes]) -> None:
             process.wait(timeout=5)
 
 
-def start_web(tmp_dir: Path, app: str = "api:app", **env: str) -> LiveServer:
+def start_web(
+    tmp_dir: Path, app: str = "api:app", root: Path = PROJECT_ROOT, **env: str
+) -> LiveServer:
     """Start the Procfile's web command with gunicorn on a free port and wait until ready.
 
     `env` overrides the environment (e.g. WEB_CONCURRENCY="3"); `app` serves another WSGI
-    app with the same gunicorn settings (the benchmark's floor, `tools.floor_app:app`).
+    app with the same gunicorn settings (the benchmark's floor, `tools.floor_app:app`);
+    `root` runs another copy of the project (a test that changes its code).
     """
     port = free_port()
     log_path = tmp_dir / f"web-{port}.log"
@@ -148,9 +151,7 @@ def start_web(tmp_dir: Path, app: str = "api:app", **env: str) -> LiveServer:
     environment = venv_env(**{**defaults, **env})
     with log_path.open("wb") as out, log_path.with_suffix(".err").open("wb") as err:
         command = [part.replace("api:app", app) for part in procfile_command("web")]
-        process = subprocess.Popen(
-            command, cwd=PROJECT_ROOT, env=environment, stdout=out, stderr=err
-        )
+        process = subprocess.Popen(command, cwd=root, env=environment, stdout=out, stderr=err)
     server = LiveServer(f"http://127.0.0.1:{port}", API_KEYS[0], process, log_path)
     try:
         wait_ready(server.url, process)

@@ -196,11 +196,14 @@ def _infer(model_name: str, version: str | None) -> Response:
     if request.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
         raise UnsupportedMediaType("Send the inference request uncompressed.")
     settings = get_settings()
-    limits = protocol.Limits(settings.batch_max_files, settings.v2_max_pixels_batch)
+    service = get_service()
+    # Parsing reserves its cost from the worker's decode budget, as image decodes do.
+    limits = protocol.Limits(
+        settings.batch_max_files, settings.v2_max_pixels_batch, service.limits.budget
+    )
     parsed = protocol.parse_request(
         request.get_data(cache=False), request.headers.get(protocol.HEADER_LENGTH), limits
     )
-    service = get_service()
     if parsed.pixels is not None:
         model, probabilities, ids = service.predict_pixels(
             parsed.pixels, client=_client(), version=version
