@@ -61,6 +61,8 @@ class FeedbackEntry:
     predicted: int
     probability: float
     image: np.ndarray  # (28, 28) float32, the preprocessed input
+    # The deployment chose the version (False: pinned by the client); from the prediction id.
+    routed: bool = False
 
     @property
     def correct(self) -> bool:
@@ -87,6 +89,9 @@ class FeedbackRows:
     key_fingerprints: np.ndarray  # (n,) str
     sha256: np.ndarray  # (n,) str
     times: np.ndarray  # (n,) float64, seconds since the epoch
+    # (n,) bool: the judged answer was routed by the deployment (only those may be held out
+    # to gate a retrain); all False when unknown (an export made before this field).
+    routed: np.ndarray
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -151,6 +156,7 @@ class FeedbackStore:
             "probability": float(entry.probability),
             "input": encode_input(entry.image),
             "updated_at": now,
+            "routed": entry.routed,
         }
         with self.engine.begin() as connection:
             existing = connection.execute(
@@ -273,6 +279,7 @@ class FeedbackStore:
             feedback.c.key_fingerprint,
             feedback.c.sha256,
             feedback.c.updated_at,
+            feedback.c.routed,
         ).order_by(feedback.c.updated_at, feedback.c.id)
         with self.engine.connect() as connection:
             # Rows inserted while streaming are left for the next run: the arrays are sized
@@ -285,6 +292,7 @@ class FeedbackStore:
             fingerprints = np.zeros(count, "<U16")
             sha256 = np.zeros(count, "<U64")
             times = np.zeros(count, np.float64)
+            routed = np.zeros(count, bool)
             filled = 0
             if count:
                 streamed = connection.execution_options(
@@ -297,6 +305,7 @@ class FeedbackStore:
                     labels[filled], predicted[filled] = row[1], row[2]
                     versions[filled], fingerprints[filled], sha256[filled] = row[3], row[4], row[5]
                     times[filled] = _timestamp(row[6])
+                    routed[filled] = bool(row[7])
                     filled += 1
                 streamed.close()
         # Fewer when retention deleted some in between.
@@ -308,6 +317,7 @@ class FeedbackStore:
             key_fingerprints=fingerprints[:filled],
             sha256=sha256[:filled],
             times=times[:filled],
+            routed=routed[:filled],
         )
 
     def status(self) -> str:

@@ -21,6 +21,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    false,
 )
 
 metadata = MetaData()
@@ -42,6 +43,9 @@ feedback = Table(
     Column("input", LargeBinary, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False, index=True),
+    # The deployment chose the version that answered (False: the client pinned it). Only
+    # routed answers' judgements may decide the retrain gate (migration 0003).
+    Column("routed", Boolean, nullable=False, server_default=false()),
     UniqueConstraint("key_fingerprint", "sha256", "model_version", name="uq_feedback_key_image"),
 )
 

@@ -166,7 +166,7 @@ def test_feedback_round_trip_and_replace(any_app: APIFlask) -> None:
     columns = {c["name"] for c in inspect(store.engine).get_columns("feedback")}
     assert columns == {
         "id", "key_fingerprint", "sha256", "model_version", "label", "predicted",
-        "correct", "probability", "input", "created_at", "updated_at",
+        "correct", "probability", "input", "created_at", "updated_at", "routed",
     }  # fmt: skip
     with store.engine.connect() as connection:
         row = connection.execute(select(feedback).where(feedback.c.id == body["feedback_id"])).one()
@@ -197,6 +197,30 @@ def test_the_version_credited_is_the_one_in_the_prediction_id(any_app: APIFlask)
     response = post(client, image, "2", prediction_id=predicted["prediction_id"])
     assert response.status_code == 201
     assert response.get_json()["model_version"] == predicted["model_version"]
+
+
+def test_the_store_remembers_whether_the_deployment_routed_the_answer(any_app: APIFlask) -> None:
+    """Issue 21: a judgement of a pinned answer (`?model_version=`) trains but never gates,
+    so the store keeps whether the deployment chose the version (from the prediction id)."""
+    client = any_app.test_client()
+    store: FeedbackStore = any_app.extensions[FEEDBACK]
+    stable = any_app.extensions[SERVICE].router.stable
+    judged: dict[str, bool] = {}
+    for path, size in ((f"/predict?model_version={stable}", 83), ("/predict", 89)):
+        image = digit_png(4, size=size)
+        answer = client.post(
+            path, data={"file": (io.BytesIO(image), "d.png")}, headers={"x-api-key": API_KEYS[0]}
+        ).get_json()
+        response = post(client, image, "4", prediction_id=answer["prediction_id"])
+        assert response.status_code in (200, 201)
+        judged[response.get_json()["input_digest"]] = "model_version" not in path
+    stored = store.rows()
+    found = {
+        str(sha): bool(routed)
+        for sha, routed in zip(stored.sha256, stored.routed, strict=True)
+        if str(sha) in judged
+    }
+    assert found == judged
 
 
 def test_same_pixels_in_other_bytes_count_once_per_key(app: APIFlask, client: FlaskClient) -> None:

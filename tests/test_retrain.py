@@ -63,6 +63,7 @@ def fill(url: str, images: np.ndarray, keys: int = 5) -> None:
                     predicted=7,
                     probability=0.6,
                     image=image,
+                    routed=True,
                 )
             )
             assert recorded.created
@@ -175,7 +176,10 @@ def test_a_worse_challenger_is_refused_and_an_empty_store_is_a_plain_retrain(
 
 
 def rows(
-    keys: list[str], times: list[float] | None = None, shas: list[str] | None = None
+    keys: list[str],
+    times: list[float] | None = None,
+    shas: list[str] | None = None,
+    routed: list[bool] | None = None,
 ) -> FeedbackRows:
     count = len(keys)
     return FeedbackRows(
@@ -186,6 +190,7 @@ def rows(
         key_fingerprints=np.array(keys),
         sha256=np.array(shas or [f"{i:064x}" for i in range(count)]),
         times=np.array(times or list(range(count)), dtype=np.float64),
+        routed=np.array(routed if routed is not None else [True] * count, dtype=bool),
     )
 
 
@@ -223,6 +228,21 @@ def test_holdout_is_the_newest_and_never_trained_on() -> None:
     )
     # Row 3 shows image 3 again, which row 39 holds out: never trained on.
     assert len(split.train_labels) == 40 - 9 - 1
+
+
+def test_judgements_of_pinned_answers_train_but_are_never_held_out() -> None:
+    """Issue 21: only answers the deployment routed are evidence; a key that pins the version
+    (`?model_version=`) and judges its answers can add training examples, never gate."""
+    keys = [f"k{i % 5}" for i in range(50)] + ["pinner"] * 50
+    routed = [True] * 50 + [False] * 50  # the pinner's labels are also the newest
+    split = split_feedback(rows(keys, routed=routed), 4000, FeedbackRules(holdout_fraction=0.2))
+    assert "pinner" not in split.holdout_fingerprints.tolist()
+    assert len(split.holdout_labels) == 10  # two of each routed key's ten
+    assert len(split.train_labels) == 90  # the pinner's fifty train
+    nothing_routed = split_feedback(
+        rows(keys, routed=[False] * 100), 4000, FeedbackRules(holdout_fraction=0.2)
+    )
+    assert not len(nothing_routed.holdout_labels) and not nothing_routed.holdout_evidence
 
 
 def test_same_key_and_image_counts_once_newest_label_wins() -> None:

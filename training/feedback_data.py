@@ -66,6 +66,7 @@ def export_npz(rows: FeedbackRows, path: Path) -> None:
         key_fingerprints=rows.key_fingerprints.astype(str),
         sha256=rows.sha256.astype(str),
         times=rows.times,
+        routed=rows.routed,
     )
 
 
@@ -83,6 +84,12 @@ def read_npz(path: Path) -> FeedbackRows:
             key_fingerprints=data["key_fingerprints"].astype(str),
             sha256=data["sha256"].astype(str),
             times=data["times"].astype(np.float64),
+            # An export from before the field: nothing known to be routed, nothing gates.
+            routed=(
+                data["routed"].astype(bool)
+                if "routed" in data
+                else np.zeros(len(data["labels"]), bool)
+            ),
         )
 
 
@@ -185,20 +192,24 @@ def split_feedback(rows: FeedbackRows, base_samples: int, rules: FeedbackRules) 
 def newest_per_key(
     rows: FeedbackRows, chosen: np.ndarray, fraction: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(held, trained): the newest `fraction` of each key's examples (rounded half up; at
-    least one example overall), and the rest, both in time order.
+    """(held, trained): the newest `fraction` of each key's examples of routed answers
+    (rounded half up; at least one example overall), and the rest, both in time order.
 
     Per key, not overall: a key that sent the newest thousand labels would otherwise be the
-    whole holdout, and the gate would be decided by it alone."""
+    whole holdout, and the gate would be decided by it alone. Routed only: a judgement of an
+    answer the client pinned (`?model_version=`) trains like any other, but the version that
+    answered it was the client's choice, so it is no evidence about the deployment."""
     by_key: dict[str, list[int]] = {}
     for index in chosen:  # `chosen` is in time order
+        if not rows.routed[index]:
+            continue
         by_key.setdefault(str(rows.key_fingerprints[index]), []).append(int(index))
     held_set: set[int] = set()
     for indices in by_key.values():
         count = int(len(indices) * fraction + 0.5)
         held_set.update(indices[len(indices) - count :] if count else [])
-    if not held_set and len(chosen):
-        held_set.add(int(chosen[-1]))
+    if not held_set:  # the newest routed example, if any
+        held_set.update(int(i) for i in chosen[::-1][rows.routed[chosen[::-1]]][:1])
     held = np.array([i for i in chosen if int(i) in held_set], dtype=np.int64)
     trained = np.array([i for i in chosen if int(i) not in held_set], dtype=np.int64)
     return held, trained

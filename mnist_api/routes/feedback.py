@@ -101,6 +101,7 @@ def post_feedback() -> tuple[dict[str, Any], int]:
         predicted=predicted,
         probability=float(probabilities[predicted]),
         image=image,
+        routed=answered.routed,
     )
     recorded = get_feedback_store().record(entry)
     if recorded.created:
