@@ -1,12 +1,26 @@
-"""gunicorn's threaded worker, keeping connections alive only while nobody waits to connect.
+"""gunicorn's threaded worker: requests are read by the event loop, served by the threads, and
+connections kept alive only while nobody waits to connect.
 
-Keep-alive saves a TCP accept and a connection set-up per request (a quarter of a cached
-answer's CPU here), but gunicorn's gthread worker keeps every connection it accepted, busy
-or not, so a client's connections opened at once (wrk, a proxy's pool) could all stick to
-one worker while the others idled. This worker holds at most `threads` connections (set
-`worker_connections = threads`), so it never takes more than it can serve at once, and
-gives a connection back instead of keeping it whenever another client is waiting in the
-shared listen queue:
+**Slow clients.** A plain gthread worker hands a readable connection to a thread, which then
+blocks reading the rest of the request: 8 sockets that sent half a request and stopped took
+every thread of two 4-thread workers, and the service answered nobody. Here the worker's
+event loop (its main thread) reads each request without blocking, head and body, and hands a
+thread only a complete request. A client must send its head within REQUEST_HEADER_TIMEOUT of
+connecting (or of its first byte on a kept-alive connection) and its body within
+REQUEST_BODY_TIMEOUT more, or it gets 408 and is closed. A connection that sent part of a
+request stops counting against the worker's connections (below) until it is complete, so
+stalled clients never keep a complete one out. Memory stays bounded: MAX_PARTIAL_REQUESTS
+partial requests per worker with SMALL_BUFFER_BYTES each, plus a budget of
+2 x MAX_CONTENT_LENGTH for bodies being received (a body past it waits, unread). A chunked
+body (no Content-Length) is read by the thread, under the same deadline.
+
+**Fairness.** Keep-alive saves a TCP accept and a connection set-up per request (a quarter
+of a cached answer's CPU here), but gunicorn's gthread worker keeps every connection it
+accepted, busy or not, so a client's connections opened at once (wrk, a proxy's pool) could
+all stick to one worker while the others idled. This worker holds at most `threads`
+connections (set `worker_connections = threads`), so it never takes more than it can serve
+at once, and gives a connection back instead of keeping it whenever another client is
+waiting in the shared listen queue:
 
 - after a response, if a connection is waiting to be accepted, the response says
   `Connection: close` (under overload every worker closes after each answer, and the
@@ -14,47 +28,374 @@ shared listen queue:
   the service had with keep-alive off);
 - idle kept-alive connections that have rested a moment (0.1 s) are closed as soon as a new
   client waits and this worker has no free slot, so an idle browser cannot keep anyone
-  waiting for the keep-alive timeout.
+  waiting for the keep-alive timeout;
+- a new connection that has sent nothing counts for the keep-alive time at most.
+
+This class overrides gunicorn internals (`enqueue_req`, `handle`, `finish_request`,
+`murder_keepalived`, `keepalived_conns`, `nr_conns`, the parser's `SocketUnreader`): gunicorn
+is pinned (requirements.txt) and tests/test_gunicorn_internals.py fails when what it relies
+on changes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import math
 import select
+import selectors
 import time
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
+from gunicorn import util
+from gunicorn.http.unreader import SocketUnreader
 from gunicorn.workers.gthread import ThreadWorker
+
+from mnist_api.config import Settings
 
 # How often a full worker with idle connections looks at the listen queue: a full worker
 # stops watching the listener, so nothing else would wake it when a client arrives.
 IDLE_CHECK_SECONDS = 0.05
 # An idle connection is closed for a waiting client only after resting this long.
 IDLE_GRACE_SECONDS = 0.1
+# A head still unfinished at this size goes to gunicorn's parser, which refuses heads over
+# its own limits (limit_request_line, limit_request_fields) with 400.
+MAX_BUFFERED_HEAD = 64 * 1024
+# Every incomplete request may buffer this much; past it, bodies being received share the
+# worker's budget (2 x MAX_CONTENT_LENGTH), and one that would exceed it waits (its socket
+# unread) until there is room again, or its deadline.
+SMALL_BUFFER_BYTES = 64 * 1024
+# Most partial requests one worker holds; past it the oldest is closed. With the caps above:
+# at most 16 MiB of small buffers plus the budget per worker, whatever the clients do.
+MAX_PARTIAL_REQUESTS = 128
+# How often the loop looks for requests past their deadline, and for paused bodies.
+SWEEP_SECONDS = 0.1
+RECV_BYTES = 64 * 1024
+# How long a closing connection waits for the client's own close (RFC 9112 section 9.6), in
+# the request's thread; gunicorn does it in the event loop, which stops the whole worker.
+CLOSE_LINGER_SECONDS = 1.0
+
+_TIMEOUT_BODY = json.dumps(
+    {
+        "error": "The request was not received in time; send it faster or in one go.",
+        "code": "request_timeout",
+    }
+).encode()
+TIMEOUT_RESPONSE = (
+    b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
+    b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(_TIMEOUT_BODY)
+) + _TIMEOUT_BODY
+
+
+class RequestTimeout(BaseException):
+    """The client did not send its request in time.
+
+    A BaseException, so it goes through the app (Flask turns an Exception into a 500) back to
+    the worker, which answers 408.
+    """
+
+
+class DeadlineUnreader(SocketUnreader):
+    """gunicorn's socket reader: first the bytes the event loop read (in slices, as the
+    socket would give them: one copy, never the whole rest of a body per read), then the
+    socket, with a deadline on the whole request (not on each read)."""
+
+    deadline: float = math.inf
+    read_ahead: memoryview | None = None
+    offset: int = 0
+
+    def chunk(self, size_hint: int | None = None) -> bytes:
+        """The next bytes; RequestTimeout once the deadline has passed."""
+        size = self.mxchunk
+        if size_hint and size_hint > size:
+            size = min(size_hint, self.max_body_chunk)
+        if self.read_ahead is not None:
+            piece = bytes(self.read_ahead[self.offset : self.offset + size])
+            self.offset += len(piece)
+            if self.offset >= len(self.read_ahead):
+                self.read_ahead = None
+            return piece
+        if self.deadline == math.inf:
+            data: bytes = super().chunk(size_hint)
+            return data
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise RequestTimeout
+        self.sock.settimeout(remaining)
+        try:
+            data = super().chunk(size_hint)
+        except TimeoutError as error:
+            raise RequestTimeout from error
+        finally:
+            self.sock.settimeout(None)
+        return data
+
+    def give(self, data: bytes, deadline: float) -> None:
+        """The next request's bytes read so far, and until when the rest may take."""
+        self.read_ahead = memoryview(data) if data else None
+        self.offset = 0
+        self.deadline = deadline
+
+    def keep_unread(self) -> None:
+        """After an answer: bytes the loop read past this request (a pipelined one) go back
+        into gunicorn's own buffer, where the worker looks for them."""
+        if self.read_ahead is not None:
+            rest = self.read_ahead[self.offset :]
+            self.read_ahead = None
+            self.buf.seek(0, 2)
+            self.buf.write(rest)
+        self.deadline = math.inf
+
+
+@dataclass
+class Reading:
+    """A request the event loop is reading: its bytes so far and its deadline."""
+
+    deadline: float
+    silent_until: float  # a connection that sent nothing counts until then
+    buffer: bytearray = field(default_factory=bytearray)
+    head_end: int = -1  # where the body starts, once the head is in
+    wanted: int = 0  # bytes to buffer before a thread takes over, once the head is in
+    counted: bool = True  # counts against worker_connections (in nr_conns)
+    registered: bool = False  # the poller watches it
+    paused: bool = False  # over the worker's buffer budget: not read until there is room
+
+
+def body_to_buffer(head: bytes, most: int) -> int | None:
+    """The body length the event loop should read itself, or None (chunked, over `most`
+    or malformed: the thread and gunicorn's parser deal with it, the app answers 413)."""
+    lowered = head.lower()
+    if b"\r\ntransfer-encoding:" in lowered:
+        return None
+    start = lowered.find(b"\r\ncontent-length:")
+    if start < 0:
+        return 0
+    end = lowered.find(b"\r\n", start + 2)
+    value = lowered[start + 17 : end if end >= 0 else len(lowered)].strip()
+    if not value.isdigit():
+        return None
+    length = int(value)
+    return length if length <= most else None
+
+
+def extra_bytes(state: Reading) -> int:
+    """What a request's buffer holds beyond its small allowance (charged to the budget)."""
+    return max(0, len(state.buffer) - SMALL_BUFFER_BYTES)
 
 
 class KeepAliveWhenIdleWorker(ThreadWorker):
-    """gthread with keep-alive that never makes a waiting client wait longer."""
+    """gthread that reads requests in its event loop, and keeps connections alive only when
+    that never makes a waiting client wait longer."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # gunicorn keeps at most `worker_connections - threads` idle connections; this
         # worker caps all its connections at `threads` instead, and any of them may idle.
         self.max_keepalived = self.cfg.threads
+        settings = Settings.from_env()
+        self.header_timeout = settings.request_header_timeout
+        self.body_timeout = settings.request_body_timeout
+        self.max_body = settings.max_content_length
+        self.buffer_budget = 2 * settings.max_content_length
+        self.buffered = 0  # bytes held by self.reading beyond SMALL_BUFFER_BYTES each
+        self.reading: dict[Any, Reading] = {}
+        self.partial = 0  # entries of self.reading that do not count in nr_conns
+        self.next_sweep = 0.0
+
+    # --- the event loop reads the request -------------------------------------------------
+
+    def enqueue_req(self, conn: Any) -> None:
+        """Start reading a request (new connection, kept-alive one that became readable, or
+        bytes left over from the previous request); a thread gets it once complete."""
+        now = time.monotonic()
+        state = Reading(deadline=now + self.header_timeout, silent_until=now + self.cfg.keepalive)
+        if conn.sock.getblocking():  # a thread's socket, with bytes left over
+            conn.sock.setblocking(False)
+        if conn.parser is not None:  # a pipelined request may already be in the buffer
+            state.buffer += conn.parser.unreader.take_buffered()
+        self.reading[conn] = state
+        if state.buffer and self.request_ready(state, now):
+            self.dispatch(conn)
+        else:
+            self.read_request(conn)
+
+    def on_request_readable(self, conn: Any, _sock: Any) -> None:
+        """The poller saw bytes (or a close) on a connection whose request is incomplete."""
+        self.read_request(conn)
+
+    def read_request(self, conn: Any) -> None:
+        """Read what the socket holds, without blocking; dispatch a complete request."""
+        state = self.reading[conn]
+        try:
+            data: bytes | None = conn.sock.recv(RECV_BYTES)
+        except (BlockingIOError, InterruptedError):
+            data = None
+        except OSError:
+            self.drop(conn)
+            return
+        if data == b"":  # the client closed its side
+            self.drop(conn)
+            return
+        if data:
+            held = extra_bytes(state)
+            state.buffer += data
+            self.buffered += extra_bytes(state) - held
+            if self.request_ready(state, time.monotonic()):
+                self.dispatch(conn)
+                return
+            if state.counted:  # partial: it stops holding a slot until complete
+                state.counted = False
+                self.nr_conns -= 1
+                self.partial += 1
+                if self.partial > MAX_PARTIAL_REQUESTS:
+                    self.drop_oldest_partial()
+            if extra_bytes(state) and self.buffered > self.buffer_budget:
+                self.pause(conn, state)
+                return
+        self.watch(conn, state)
+
+    def watch(self, conn: Any, state: Reading) -> None:
+        """Have the poller tell when more of this request arrives."""
+        state.paused = False
+        if not state.registered:
+            self.poller.register(
+                conn.sock, selectors.EVENT_READ, partial(self.on_request_readable, conn)
+            )
+            state.registered = True
+
+    def pause(self, conn: Any, state: Reading) -> None:
+        """Stop reading a body while the worker's buffers are over budget (the client's
+        TCP window fills; its deadline still runs)."""
+        state.paused = True
+        if state.registered:
+            self.poller.unregister(conn.sock)
+            state.registered = False
+
+    def request_ready(self, state: Reading, now: float) -> bool:
+        """Whether a thread can take the request now: its head and body are in."""
+        if state.head_end < 0:
+            end = state.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return len(state.buffer) > MAX_BUFFERED_HEAD
+            state.head_end = end + 4
+            length = body_to_buffer(bytes(state.buffer[:end]), self.max_body)
+            state.wanted = state.head_end + (length or 0)
+            state.deadline = now + self.body_timeout  # the body's own limit starts now
+        return len(state.buffer) >= state.wanted
+
+    def forget(self, conn: Any) -> Reading:
+        """Stop reading a request: its slot, buffer and poller entry are given back."""
+        state = self.reading.pop(conn)
+        self.buffered -= extra_bytes(state)
+        if state.registered:
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self.poller.unregister(conn.sock)
+        if not state.counted:
+            self.partial -= 1
+            self.nr_conns += 1
+        return state
+
+    def dispatch(self, conn: Any) -> None:
+        """Hand the request to the thread pool, with its bytes and its deadline."""
+        state = self.forget(conn)  # counted again: finish_request uncounts it when it closes
+        conn.read_ahead = bytes(state.buffer)
+        conn.read_deadline = state.deadline
+        super().enqueue_req(conn)
+
+    def drop(self, conn: Any, answer: bytes = b"") -> None:
+        """Forget an incomplete request and close its connection (after `answer`, if any)."""
+        self.forget(conn)
+        self.nr_conns -= 1
+        if answer:
+            with contextlib.suppress(OSError):
+                conn.sock.send(answer)  # a few hundred bytes: fits the empty send buffer
+        util.close(conn.sock)
+
+    def drop_oldest_partial(self) -> None:
+        """Too many partial requests: the one that has been at it longest goes."""
+        for conn, state in self.reading.items():
+            if not state.counted:
+                self.drop(conn, TIMEOUT_RESPONSE)
+                return
+
+    def sweep(self, now: float) -> None:
+        """408 for requests past their deadline; silent connections stop holding a slot
+        after the keep-alive time (and are closed at once when the worker stops); paused
+        bodies are read again once there is room."""
+        for conn, state in list(self.reading.items()):
+            if now >= state.deadline or (not self.alive and not state.buffer):
+                self.drop(conn, TIMEOUT_RESPONSE if state.buffer else b"")
+            elif state.counted and now >= state.silent_until:
+                state.counted = False
+                self.nr_conns -= 1
+                self.partial += 1
+            elif state.paused and self.buffered <= self.buffer_budget:
+                self.watch(conn, state)
+
+    # --- a thread serves it ---------------------------------------------------------------
+
+    def handle(self, conn: Any) -> Any:
+        """Serve the request read by the event loop (runs in a thread)."""
+        read_ahead, conn.read_ahead = conn.read_ahead, b""
+        conn.data_ready = True  # gunicorn must not wait for data: it is here
+        conn.closed_here = False
+        try:
+            conn.sock.setblocking(True)
+            conn.init()
+            unreader = conn.parser.unreader
+            if type(unreader) is SocketUnreader:
+                unreader.__class__ = DeadlineUnreader
+            unreader.give(read_ahead, conn.read_deadline)
+            keep_alive = super().handle(conn)
+        except RequestTimeout:
+            # Flask reads the body before it answers, so nothing was sent yet.
+            try:
+                conn.sock.settimeout(CLOSE_LINGER_SECONDS)
+                conn.sock.sendall(TIMEOUT_RESPONSE)
+            except OSError:
+                pass
+            keep_alive = False
+        except OSError:
+            keep_alive = False
+        if not keep_alive:
+            util.close_graceful(conn.sock, timeout=CLOSE_LINGER_SECONDS)
+            conn.closed_here = True
+        return keep_alive
+
+    def handle_request(self, req: Any, conn: Any) -> Any:
+        """Serve one request; ask for the connection to close if someone else is waiting."""
+        if self.others_waiting():
+            req.must_close = True  # gunicorn then answers with "Connection: close"
+        try:
+            return super().handle_request(req, conn)
+        finally:
+            # Answered: an unread body is drained within gunicorn's own bounds, and bytes
+            # read past this request wait where gunicorn looks for a pipelined one.
+            conn.parser.unreader.keep_unread()
+
+    def finish_request(self, conn: Any, fs: Any) -> None:
+        """Back in the event loop: a connection the thread closed is only uncounted."""
+        if getattr(conn, "closed_here", False):
+            self.nr_conns -= 1
+            return
+        super().finish_request(conn, fs)
+
+    # --- fairness -------------------------------------------------------------------------
 
     def others_waiting(self) -> bool:
         """True if a connection waits in a listen queue this worker serves."""
         readable, _, _ = select.select(self.sockets, [], [], 0)
         return bool(readable)
 
-    def handle_request(self, req: Any, conn: Any) -> Any:
-        """Serve one request; ask for the connection to close if someone else is waiting."""
-        if self.others_waiting():
-            req.must_close = True  # gunicorn then answers with "Connection: close"
-        return super().handle_request(req, conn)
-
     def murder_keepalived(self, force: bool = False) -> None:
         """Close expired idle connections, and, while a full worker keeps a new client
-        waiting, those idle for longer than IDLE_GRACE_SECONDS."""
+        waiting, those idle for longer than IDLE_GRACE_SECONDS; time out slow requests."""
+        now = time.monotonic()
+        if self.reading and (now >= self.next_sweep or force or not self.alive):
+            self.next_sweep = now + SWEEP_SECONDS
+            self.sweep(math.inf if force else now)
         if (
             not force
             and self.keepalived_conns
@@ -64,7 +405,7 @@ class KeepAliveWhenIdleWorker(ThreadWorker):
             # A busy client's connection is idle for a moment between its answer and its
             # next request: closing it then would drop the request it is sending. Idle for
             # longer, it is a client at rest (a browser). The oldest idle come first.
-            rested = time.monotonic() + self.cfg.keepalive - IDLE_GRACE_SECONDS
+            rested = now + self.cfg.keepalive - IDLE_GRACE_SECONDS
             for conn in self.keepalived_conns:
                 if conn.timeout > rested:
                     break
@@ -75,4 +416,6 @@ class KeepAliveWhenIdleWorker(ThreadWorker):
         """Wait for events; a full worker holding idle connections wakes up often."""
         if self.keepalived_conns and self.nr_conns >= self.worker_connections:
             timeout = min(timeout, IDLE_CHECK_SECONDS)
+        if self.reading:
+            timeout = min(timeout, SWEEP_SECONDS)
         super().wait_for_and_dispatch_events(timeout)
