@@ -45,6 +45,8 @@ class LoadResult:
     unexpected: list[str] = field(default_factory=list)
     seconds: float = 0.0
     busy: int = 0  # 503s with Retry-After where the shot allows them (decode budget full)
+    # (when it was sent, on time.monotonic(); how long its answer took), per answered request
+    timings: list[tuple[float, float]] = field(default_factory=list)
 
     @property
     def server_errors(self) -> int:
@@ -91,10 +93,10 @@ def run_load(
                 "Content-Type": shot.content_type,
                 "x-api-key": api_key if shot.key_ok else "wrong-key",
             }
+            body = shot.body(number)
+            sent_at = time.monotonic()
             try:
-                response = session.post(
-                    f"{url}/predict", data=shot.body(number), headers=headers, timeout=15
-                )
+                response = session.post(f"{url}/predict", data=body, headers=headers, timeout=15)
             except requests.RequestException as error:
                 session = requests.Session()  # the connection died with its worker
                 with lock:
@@ -102,6 +104,7 @@ def run_load(
                     result.connection_errors += 1
                     result.unexpected.append(f"{shot.name}: {type(error).__name__}")
                 continue
+            answered_in = time.monotonic() - sent_at
             status = response.status_code
             accepted = shot.expected if isinstance(shot.expected, tuple) else (shot.expected,)
             busy = status == 503 and status in accepted
@@ -112,6 +115,7 @@ def run_load(
             )
             with lock:
                 result.sent += 1
+                result.timings.append((sent_at, answered_in))
                 result.by_status[status] += 1
                 result.by_shot[shot.name] += 1
                 if status not in accepted:
@@ -126,6 +130,14 @@ def run_load(
         list(pool.map(worker, range(concurrency)))
     result.seconds = time.monotonic() - started
     return result
+
+
+def percentile(values: Sequence[float], share: float) -> float:
+    """The value below which `share` (0-1) of `values` fall (nearest rank)."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, max(0, round(share * len(ordered)) - 1))]
 
 
 def _status_kib(pid: int, field: str) -> int:
