@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the Debian packages the test suite drives, if they are missing:
 # Chromium (the page), redis-server (cache, broker), promtool (monitoring rules), openssl,
-# wrk (the benchmark), nginx (the proxy tests: a router in front of gunicorn), PostgreSQL (the feedback store's server tests; its binaries live in
+# wrk (the benchmark), nginx (the proxy tests: a router in front of gunicorn), PostgreSQL
+# (the feedback store's server tests; its binaries live in
 # /usr/lib/postgresql/<version>/bin, not on PATH).
 # docker-compose (Debian's v1): `docker-compose config` checks docker-compose.yml, no engine needed.
 set -euo pipefail

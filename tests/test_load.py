@@ -6,6 +6,8 @@ mixes in large uploads and reports each worker's peak memory and Redis' memory a
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import signal
 import threading
@@ -19,6 +21,7 @@ import requests
 from PIL import Image
 
 from mnist_api.config import MIB, Settings
+from mnist_api.inference_protocol import HEADER_LENGTH
 from tests.samples import as_paper, encode, sample
 from tests.test_errors import pdf_file
 from tests.test_upload_memory import issue_png, large_png, large_webp
@@ -30,6 +33,7 @@ from tools.load import (
     reset_peak_rss,
     rss_kib,
     run_load,
+    run_slow_clients,
 )
 from tools.redis_server import RedisServer
 from tools.services import start_web, stop
@@ -61,6 +65,69 @@ LARGE = [
 STOCK = Settings()
 
 
+def v2_binary(pixels: np.ndarray) -> tuple[bytes, tuple[tuple[str, str], ...]]:
+    """An Open Inference Protocol request with `pixels` (N x 28 x 28 uint8) in binary."""
+    raw = pixels.astype(np.uint8).tobytes()
+    tensor = {
+        "name": "pixels",
+        "datatype": "UINT8",
+        "shape": [len(pixels), 28, 28, 1],
+        "parameters": {"binary_data_size": len(raw)},
+    }
+    header = json.dumps({"inputs": [tensor]}).encode()
+    return header + raw, ((HEADER_LENGTH, str(len(header))),)
+
+
+DIGITS = np.stack([sample(i % 10) for i in range(32)])
+V2_JSON = json.dumps(
+    {
+        "inputs": [
+            {"name": "pixels", "datatype": "UINT8", "shape": [32, 28, 28], "data": DIGITS.tolist()}
+        ]
+    }
+).encode()
+V2_IMAGES = json.dumps(
+    {
+        "inputs": [
+            {
+                "name": "image",
+                "datatype": "BYTES",
+                "shape": [4],
+                "data": [base64.b64encode(encode(as_paper(sample(d)))).decode() for d in range(4)],
+            }
+        ]
+    }
+).encode()
+V2_BINARY, V2_BINARY_HEADERS = v2_binary(np.concatenate([DIGITS, DIGITS]))
+V2_OVER_CAP, V2_OVER_CAP_HEADERS = v2_binary(
+    np.zeros((STOCK.v2_max_pixels_batch + 1, 28, 28), np.uint8)
+)
+INFER = "/v2/models/mnist/infer"
+# Open Inference Protocol bodies: nested JSON pixels, base64 images, binary pixels, and a
+# binary batch one image over the cap (400 too_many_files).
+V2 = [
+    Shot("v2_json_pixels", 200, lambda n: V2_JSON, "application/json", path=INFER),
+    Shot("v2_images", 200, lambda n: V2_IMAGES, "application/json", path=INFER),
+    Shot(
+        "v2_binary_pixels",
+        200,
+        lambda n: V2_BINARY,
+        "application/octet-stream",
+        path=INFER,
+        headers=V2_BINARY_HEADERS,
+    ),
+    Shot(
+        "v2_over_cap",
+        400,
+        lambda n: V2_OVER_CAP,
+        "application/octet-stream",
+        path=INFER,
+        headers=V2_OVER_CAP_HEADERS,
+    ),
+    Shot("v2_malformed", 400, lambda n: b'{"inputs": [', "application/json", path=INFER),
+]
+
+
 def describe(result: LoadResult) -> str:
     return (
         f"{result.sent} requests in {result.seconds:.1f} s "
@@ -70,9 +137,16 @@ def describe(result: LoadResult) -> str:
 
 
 def test_soak_mixed_traffic(tmp_path: Path, redis_server: RedisServer, soak_seconds: float) -> None:
-    server = start_web(tmp_path, REDIS_URL=redis_server.url, GUNICORN_MAX_REQUESTS="0")
-    # About one request in seventeen is large: the small ones keep their share of the CPU.
-    shots = [replace(shot, weight=shot.weight * 4) for shot in MIXED] + LARGE
+    # Short read limits, so that stalled clients come and go many times within the soak.
+    server = start_web(
+        tmp_path,
+        REDIS_URL=redis_server.url,
+        GUNICORN_MAX_REQUESTS="0",
+        REQUEST_HEADER_TIMEOUT="2",
+        REQUEST_BODY_TIMEOUT="2",
+    )
+    # About one request in twenty-two is large: the small ones keep their share of the CPU.
+    shots = [replace(shot, weight=shot.weight * 4) for shot in MIXED] + LARGE + V2
     try:
         pids = sorted(server.worker_pids_when(2))
         warm = run_load(
@@ -82,9 +156,26 @@ def test_soak_mixed_traffic(tmp_path: Path, redis_server: RedisServer, soak_seco
         before = {pid: rss_kib(pid) for pid in pids}
         for pid in pids:
             reset_peak_rss(pid)
+        slow: list[LoadResult] = []
+        # Beside the 32 clients: 8 slow ones (in time, stalled in the head, in the body).
+        slow_thread = threading.Thread(
+            target=lambda: slow.append(
+                run_slow_clients(
+                    server.url,
+                    server.api_key,
+                    HIT,
+                    seconds=soak_seconds,
+                    concurrency=8,
+                    header_timeout=2.0,
+                    body_timeout=2.0,
+                )
+            )
+        )
+        slow_thread.start()
         result = run_load(
             server.url, server.api_key, shots, seconds=soak_seconds, concurrency=32, seed=1
         )
+        slow_thread.join()
         after = {pid: rss_kib(pid) for pid in pids}
         peak = {pid: peak_rss_kib(pid) for pid in pids}
         redis_memory = redis_server.client().info("memory")
@@ -92,11 +183,13 @@ def test_soak_mixed_traffic(tmp_path: Path, redis_server: RedisServer, soak_seco
             f"soak: {describe(result)}; {result.busy} told to retry (decode budget full); "
             f"worker RSS KiB {before} -> {after}, peak RSS KiB {peak}; Redis used_memory "
             f"{redis_memory['used_memory_human']}, used_memory_peak "
-            f"{redis_memory['used_memory_peak_human']}"
+            f"{redis_memory['used_memory_peak_human']}; slow clients: {describe(slow[0])}"
         )
         assert result.server_errors == 0, describe(result)
         assert result.failures == 0, describe(result)  # every bad input got its own 4xx
         assert set(result.by_shot) == {shot.name for shot in shots}
+        assert slow[0].failures == 0, describe(slow[0])
+        assert set(slow[0].by_shot) == {"slow_in_time", "stalled_head", "stalled_body"}
         # The README's worst case per worker: its settled size, the decode budget, and two
         # copies of a request body per thread (these bodies are under 1 MiB), plus 8 MiB of
         # allocator slack.
