@@ -142,14 +142,14 @@ def test_bursts_with_idle_gaps_through_the_router(proxied: tuple[LiveServer, Ngi
     rng = random.Random(7)
     sent = 0
     errors: list[str] = []
-    for burst in range(5):
+    for burst in range(4):
         result = run_load(nginx.url, server.api_key, SHOTS, seconds=1.0, concurrency=32, seed=burst)
         sent += result.sent
         errors += result.unexpected
         assert result.by_status.get(502, 0) == 0 and result.by_status.get(504, 0) == 0
         # Idle: the router keeps its connections; the service may close them meanwhile.
         time.sleep(rng.uniform(2.5, 3.5))
-    print(f"through the router: {sent} requests in 5 bursts, errors {errors[:5]}")
+    print(f"through the router: {sent} requests in 4 bursts, errors {errors[:5]}")
     assert sent > 200
     assert errors == [], errors[:10]
     assert "upstream prematurely closed" not in nginx.error_log()

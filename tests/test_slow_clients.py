@@ -7,6 +7,7 @@ The worker in mnist_api/gunicorn_worker.py reads each request in its event loop 
 
 from __future__ import annotations
 
+import random
 import socket
 import time
 from collections.abc import Iterator
@@ -15,12 +16,20 @@ from urllib.parse import urlsplit
 
 import pytest
 import requests
+import yaml
 
+from mnist_api.config import PROJECT_ROOT
 from tests.samples import as_paper, encode, sample
-from tools.services import LiveServer, start_web, stop
+from tools.load import Shot, run_load
+from tools.redis_server import RedisServer
+from tools.services import API_KEYS, LiveServer, start_web, stop
 
 PARTIAL_HEAD = b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
 NINE = encode(as_paper(sample(9)))
+BURST = [
+    Shot("hit", 200, lambda n: NINE),
+    Shot("miss", 200, lambda n: NINE + n.to_bytes(8, "big")),
+]
 
 
 @pytest.fixture(scope="module")
@@ -194,16 +203,51 @@ def test_a_request_sent_in_pieces_in_time_is_served(strict_server: LiveServer) -
     assert b'"prediccion":9' in answer.replace(b" ", b"")
 
 
-def test_stalled_clients_with_default_limits(tmp_path: Path) -> None:
-    """The same service as `make run`, `docker run` and compose start it: defaults only."""
-    server = start_web(tmp_path)
+def compose_web_environment(redis_url: str) -> dict[str, str]:
+    """docker-compose.yml's environment for `web`, with its Redis reachable from here."""
+    document = yaml.safe_load((PROJECT_ROOT / "docker-compose.yml").read_text())
+    web = document["services"]["web"]
+    assert web["command"] == "gunicorn api:app -c gunicorn.conf.py"  # the Procfile's web line
+    environment = {name: str(value) for name, value in web["environment"].items()}
+    environment["API_KEY"] = API_KEYS[0]  # ${API_KEY:?set API_KEY}
+    assert environment["REDIS_URL"] == "redis://redis:6379/0"
+    environment["REDIS_URL"] = redis_url
+    return environment
+
+
+# How each README command serves: `make run` (one worker, text logs, a dev admin key),
+# `docker run` (the image's ENV), `docker compose up` (its environment, with Redis). The same
+# gunicorn command in each; the read limits are the defaults.
+SERVING_PATHS = {
+    "make-run": {"WEB_CONCURRENCY": "1", "LOG_FORMAT": "text", "ADMIN_API_KEYS": "dev-admin"},
+    "docker-run": {"PROXY_FIX_X_FOR": "0"},
+    "compose": {},
+}
+
+
+@pytest.mark.parametrize("path", list(SERVING_PATHS))
+def test_stalled_clients_with_default_limits(
+    tmp_path: Path, redis_server: RedisServer, path: str
+) -> None:
+    environment = dict(SERVING_PATHS[path])
+    if path == "compose":
+        environment = compose_web_environment(redis_server.url)
+    server = start_web(tmp_path, **environment)
     stalled: list[socket.socket] = []
     try:
-        server.worker_pids_when(2)
         stalled = open_stalled(server, 64, PARTIAL_HEAD)
         time.sleep(0.5)
         timings = answered_within(server, 5.0)
         assert max(timings) < 1.0, timings
+        if path == "compose":
+            # and bursts with idle gaps longer than the keep-alive: not one error
+            rng = random.Random(5)
+            for burst in range(2):
+                result = run_load(
+                    server.url, server.api_key, BURST, seconds=1.0, concurrency=32, seed=burst
+                )
+                assert result.failures == 0 and result.sent > 50, result.unexpected[:5]
+                time.sleep(rng.uniform(2.5, 3.5))
     finally:
         for sock in stalled:
             sock.close()
