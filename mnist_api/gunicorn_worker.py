@@ -10,8 +10,8 @@ connecting (or of its first byte on a kept-alive connection) and its body within
 REQUEST_BODY_TIMEOUT more, or it gets 408 and is closed. A connection that sent part of a
 request stops counting against the worker's connections (below) until it is complete, so
 stalled clients never keep a complete one out. Memory stays bounded: MAX_PARTIAL_REQUESTS
-partial requests per worker with SMALL_BUFFER_BYTES each, plus a budget of
-2 x MAX_CONTENT_LENGTH for bodies being received (a body past it waits, unread). A chunked
+partial requests per worker with a head of MAX_HEAD_BYTES at most, and larger bodies within
+the memory their threads could hold anyway (one that does not fit waits, unread). A chunked
 body (no Content-Length) is read by the thread, under the same deadline.
 
 **Fairness.** Keep-alive saves a TCP accept and a connection set-up per request (a quarter
@@ -60,19 +60,24 @@ from mnist_api.config import Settings
 IDLE_CHECK_SECONDS = 0.05
 # An idle connection is closed for a waiting client only after resting this long.
 IDLE_GRACE_SECONDS = 0.1
-# A head still unfinished at this size goes to gunicorn's parser, which refuses heads over
-# its own limits (limit_request_line, limit_request_fields) with 400.
-MAX_BUFFERED_HEAD = 64 * 1024
-# Every incomplete request may buffer this much; past it, bodies being received share the
-# worker's budget (2 x MAX_CONTENT_LENGTH), and one that would exceed it waits (its socket
-# unread) until there is room again, or its deadline.
-SMALL_BUFFER_BYTES = 64 * 1024
+# Longest request head (request line and header fields) the worker takes: 431 past it.
+# Browsers and proxies send a few KiB; Heroku's router refuses header lines over 8 KiB.
+MAX_HEAD_BYTES = 16 * 1024
+# A body up to this size is read as it comes (every digit upload). A larger one first
+# reserves its whole Content-Length in the worker's budget, GUNICORN_THREADS x
+# MAX_CONTENT_LENGTH (what its threads could hold anyway), until its thread is done with it;
+# one that does not fit waits, unread. Reservations never deadlock (each one can finish),
+# and large bodies never take more memory than they did when threads read them.
+SMALL_BODY_BYTES = 8 * 1024
 # Most partial requests one worker holds; past it the oldest is closed. With the caps above:
-# at most 16 MiB of small buffers plus the budget per worker, whatever the clients do.
+# at most 128 x 24 KiB = 3 MiB of heads and small bodies per worker besides the budget,
+# whatever the clients do.
 MAX_PARTIAL_REQUESTS = 128
-# How often the loop looks for requests past their deadline, and for paused bodies.
+# How often the loop looks for requests past their deadline, and for room in the budget.
 SWEEP_SECONDS = 0.1
+# One read: a reserved body's, and everyone else's (never past the caps above by much).
 RECV_BYTES = 64 * 1024
+SMALL_RECV_BYTES = 8 * 1024
 # How long a closing connection waits for the client's own close (RFC 9112 section 9.6), in
 # the request's thread; gunicorn does it in the event loop, which stops the whole worker.
 CLOSE_LINGER_SECONDS = 1.0
@@ -87,6 +92,19 @@ TIMEOUT_RESPONSE = (
     b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
     b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(_TIMEOUT_BODY)
 ) + _TIMEOUT_BODY
+
+
+_HEAD_BODY = json.dumps(
+    {
+        "error": f"The request head is over {MAX_HEAD_BYTES // 1024} KiB; send fewer or "
+        "shorter header fields.",
+        "code": "request_header_too_large",
+    }
+).encode()
+HEAD_TOO_LARGE_RESPONSE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: application/json\r\n"
+    b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(_HEAD_BODY)
+) + _HEAD_BODY
 
 
 class RequestTimeout(BaseException):
@@ -132,7 +150,7 @@ class DeadlineUnreader(SocketUnreader):
             self.sock.settimeout(None)
         return data
 
-    def give(self, data: bytes, deadline: float) -> None:
+    def give(self, data: bytes | bytearray, deadline: float) -> None:
         """The next request's bytes read so far, and until when the rest may take."""
         self.read_ahead = memoryview(data) if data else None
         self.offset = 0
@@ -160,7 +178,8 @@ class Reading:
     wanted: int = 0  # bytes to buffer before a thread takes over, once the head is in
     counted: bool = True  # counts against worker_connections (in nr_conns)
     registered: bool = False  # the poller watches it
-    paused: bool = False  # over the worker's buffer budget: not read until there is room
+    reserved: int = 0  # bytes of the worker's budget this body holds
+    waiting: bool = False  # a large body waiting for room in the budget: not read meanwhile
 
 
 def body_to_buffer(head: bytes, most: int) -> int | None:
@@ -180,11 +199,6 @@ def body_to_buffer(head: bytes, most: int) -> int | None:
     return length if length <= most else None
 
 
-def extra_bytes(state: Reading) -> int:
-    """What a request's buffer holds beyond its small allowance (charged to the budget)."""
-    return max(0, len(state.buffer) - SMALL_BUFFER_BYTES)
-
-
 class KeepAliveWhenIdleWorker(ThreadWorker):
     """gthread that reads requests in its event loop, and keeps connections alive only when
     that never makes a waiting client wait longer."""
@@ -198,8 +212,9 @@ class KeepAliveWhenIdleWorker(ThreadWorker):
         self.header_timeout = settings.request_header_timeout
         self.body_timeout = settings.request_body_timeout
         self.max_body = settings.max_content_length
-        self.buffer_budget = 2 * settings.max_content_length
-        self.buffered = 0  # bytes held by self.reading beyond SMALL_BUFFER_BYTES each
+        # What the threads' bodies could hold at most anyway (README: memory per worker).
+        self.buffer_budget = settings.threads * settings.max_content_length
+        self.reserved = 0  # the budget's bytes that large bodies hold, in the loop or a thread
         self.reading: dict[Any, Reading] = {}
         self.partial = 0  # entries of self.reading that do not count in nr_conns
         self.next_sweep = 0.0
@@ -229,7 +244,7 @@ class KeepAliveWhenIdleWorker(ThreadWorker):
         """Read what the socket holds, without blocking; dispatch a complete request."""
         state = self.reading[conn]
         try:
-            data: bytes | None = conn.sock.recv(RECV_BYTES)
+            data: bytes | None = conn.sock.recv(RECV_BYTES if state.reserved else SMALL_RECV_BYTES)
         except (BlockingIOError, InterruptedError):
             data = None
         except OSError:
@@ -239,9 +254,7 @@ class KeepAliveWhenIdleWorker(ThreadWorker):
             self.drop(conn)
             return
         if data:
-            held = extra_bytes(state)
             state.buffer += data
-            self.buffered += extra_bytes(state) - held
             if self.request_ready(state, time.monotonic()):
                 self.dispatch(conn)
                 return
@@ -251,14 +264,16 @@ class KeepAliveWhenIdleWorker(ThreadWorker):
                 self.partial += 1
                 if self.partial > MAX_PARTIAL_REQUESTS:
                     self.drop_oldest_partial()
-            if extra_bytes(state) and self.buffered > self.buffer_budget:
+            if state.head_end < 0 and len(state.buffer) > MAX_HEAD_BYTES:
+                self.drop(conn, HEAD_TOO_LARGE_RESPONSE)
+                return
+            if state.waiting:
                 self.pause(conn, state)
                 return
         self.watch(conn, state)
 
     def watch(self, conn: Any, state: Reading) -> None:
         """Have the poller tell when more of this request arrives."""
-        state.paused = False
         if not state.registered:
             self.poller.register(
                 conn.sock, selectors.EVENT_READ, partial(self.on_request_readable, conn)
@@ -266,9 +281,8 @@ class KeepAliveWhenIdleWorker(ThreadWorker):
             state.registered = True
 
     def pause(self, conn: Any, state: Reading) -> None:
-        """Stop reading a body while the worker's buffers are over budget (the client's
-        TCP window fills; its deadline still runs)."""
-        state.paused = True
+        """Stop reading a body until its reservation fits (the client's TCP window fills;
+        its deadline still runs)."""
         if state.registered:
             self.poller.unregister(conn.sock)
             state.registered = False
@@ -277,18 +291,31 @@ class KeepAliveWhenIdleWorker(ThreadWorker):
         """Whether a thread can take the request now: its head and body are in."""
         if state.head_end < 0:
             end = state.buffer.find(b"\r\n\r\n")
-            if end < 0:
-                return len(state.buffer) > MAX_BUFFERED_HEAD
+            if end < 0 or end + 4 > MAX_HEAD_BYTES:
+                return False
             state.head_end = end + 4
-            length = body_to_buffer(bytes(state.buffer[:end]), self.max_body)
-            state.wanted = state.head_end + (length or 0)
+            length = body_to_buffer(bytes(state.buffer[:end]), self.max_body) or 0
+            state.wanted = state.head_end + length
             state.deadline = now + self.body_timeout  # the body's own limit starts now
+            if length > SMALL_BODY_BYTES and len(state.buffer) < state.wanted:
+                state.waiting = True
+                self.reserve(state)
         return len(state.buffer) >= state.wanted
 
+    def reserve(self, state: Reading) -> bool:
+        """Give a large body its room in the budget, if it fits (then it is read)."""
+        length = state.wanted - state.head_end
+        if self.reserved + length > self.buffer_budget:
+            return False
+        self.reserved += length
+        state.reserved = length
+        state.waiting = False
+        return True
+
     def forget(self, conn: Any) -> Reading:
-        """Stop reading a request: its slot, buffer and poller entry are given back."""
+        """Stop reading a request: its slot and poller entry are given back (its budget
+        reservation only by the caller: a body in a thread still holds it)."""
         state = self.reading.pop(conn)
-        self.buffered -= extra_bytes(state)
         if state.registered:
             with contextlib.suppress(KeyError, ValueError, OSError):
                 self.poller.unregister(conn.sock)
@@ -300,13 +327,14 @@ class KeepAliveWhenIdleWorker(ThreadWorker):
     def dispatch(self, conn: Any) -> None:
         """Hand the request to the thread pool, with its bytes and its deadline."""
         state = self.forget(conn)  # counted again: finish_request uncounts it when it closes
-        conn.read_ahead = bytes(state.buffer)
+        conn.reserved = state.reserved  # given back when the thread is done with the body
+        conn.read_ahead = state.buffer  # no copy: the thread's reads slice it
         conn.read_deadline = state.deadline
         super().enqueue_req(conn)
 
     def drop(self, conn: Any, answer: bytes = b"") -> None:
         """Forget an incomplete request and close its connection (after `answer`, if any)."""
-        self.forget(conn)
+        self.reserved -= self.forget(conn).reserved
         self.nr_conns -= 1
         if answer:
             with contextlib.suppress(OSError):
@@ -331,7 +359,7 @@ class KeepAliveWhenIdleWorker(ThreadWorker):
                 state.counted = False
                 self.nr_conns -= 1
                 self.partial += 1
-            elif state.paused and self.buffered <= self.buffer_budget:
+            elif state.waiting and self.reserve(state):  # in the order they came
                 self.watch(conn, state)
 
     # --- a thread serves it ---------------------------------------------------------------
@@ -348,6 +376,7 @@ class KeepAliveWhenIdleWorker(ThreadWorker):
             if type(unreader) is SocketUnreader:
                 unreader.__class__ = DeadlineUnreader
             unreader.give(read_ahead, conn.read_deadline)
+            del read_ahead  # the unreader lets go of a body once read: so must we
             keep_alive = super().handle(conn)
         except RequestTimeout:
             # Flask reads the body before it answers, so nothing was sent yet.
@@ -376,7 +405,10 @@ class KeepAliveWhenIdleWorker(ThreadWorker):
             conn.parser.unreader.keep_unread()
 
     def finish_request(self, conn: Any, fs: Any) -> None:
-        """Back in the event loop: a connection the thread closed is only uncounted."""
+        """Back in the event loop: the body's reservation is given back, and a connection
+        the thread closed is only uncounted."""
+        self.reserved -= getattr(conn, "reserved", 0)
+        conn.reserved = 0
         if getattr(conn, "closed_here", False):
             self.nr_conns -= 1
             return

@@ -104,6 +104,7 @@ def test_the_worker_overrides_only_existing_methods() -> None:
         "watch",
         "pause",
         "request_ready",
+        "reserve",
         "forget",
         "dispatch",
         "drop",

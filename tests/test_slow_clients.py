@@ -151,6 +151,19 @@ def test_a_client_slower_than_the_limit_gets_408(
     assert limit - 0.5 <= waited <= limit + 2.0, waited
 
 
+def test_a_head_over_the_limit_gets_431(strict_server: LiveServer) -> None:
+    (sock,) = open_stalled(
+        strict_server, 1, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000
+    )
+    try:
+        sock.settimeout(5)
+        answer = read_answer(sock)
+    finally:
+        sock.close()
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    assert b"request_header_too_large" in answer
+
+
 def test_a_trickling_client_is_cut_off_at_the_limit(strict_server: LiveServer) -> None:
     """One byte every 0.3 s: the limit is on the whole head, not on each read."""
     address = urlsplit(strict_server.url)
