@@ -264,6 +264,8 @@ class KeepAliveWhenIdleWorker(ThreadWorker):
                 self.partial += 1
                 if self.partial > MAX_PARTIAL_REQUESTS:
                     self.drop_oldest_partial()
+                    if conn not in self.reading:  # it was this one
+                        return
             if state.head_end < 0 and len(state.buffer) > MAX_HEAD_BYTES:
                 self.drop(conn, HEAD_TOO_LARGE_RESPONSE)
                 return

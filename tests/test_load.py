@@ -1,7 +1,8 @@
 """Load and faults against real gunicorn (loopback, bounded, self-stopping).
 
 `make test` runs the short form (seconds); `make soak` runs the soak for 2 minutes. The soak
-mixes in large uploads and reports each worker's peak memory and Redis' memory at the end.
+mixes in large uploads, Open Inference Protocol bodies and slow clients (in time, and
+stalled past the read limits), and reports each worker's peak memory and Redis' memory.
 """
 
 from __future__ import annotations

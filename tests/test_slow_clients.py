@@ -265,3 +265,20 @@ def test_stalled_clients_with_default_limits(
         for sock in stalled:
             sock.close()
         stop(server.process)
+
+
+def test_partial_requests_past_the_cap_push_out_the_oldest(tmp_path: Path) -> None:
+    """One worker holds at most 128 partial requests: the 129th pushes out the oldest
+    (408), and the service still answers."""
+    server = start_web(tmp_path, WEB_CONCURRENCY="1", GUNICORN_THREADS="2")
+    stalled: list[socket.socket] = []
+    try:
+        stalled = open_stalled(server, 140, PARTIAL_HEAD)
+        stalled[0].settimeout(5)
+        assert read_answer(stalled[0]).startswith(b"HTTP/1.1 408 ")
+        timings = answered_within(server, 5.0)
+        assert max(timings) < 1.0, timings
+    finally:
+        for sock in stalled:
+            sock.close()
+        stop(server.process)
