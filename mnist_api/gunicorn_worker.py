@@ -1,18 +1,21 @@
-"""gunicorn's threaded worker: requests are read by the event loop, served by the threads, and
-connections kept alive only while nobody waits to connect.
+"""gunicorn's threaded worker: a thread never waits for a request's bytes (the event loop
+does), and connections are kept alive only while nobody waits to connect.
 
 **Slow clients.** A plain gthread worker hands a readable connection to a thread, which then
 blocks reading the rest of the request: 8 sockets that sent half a request and stopped took
-every thread of two 4-thread workers, and the service answered nobody. Here the worker's
-event loop (its main thread) reads each request without blocking, head and body, and hands a
-thread only a complete request. A client must send its head within REQUEST_HEADER_TIMEOUT of
-connecting (or of its first byte on a kept-alive connection) and its body within
-REQUEST_BODY_TIMEOUT more, or it gets 408 and is closed. A connection that sent part of a
-request stops counting against the worker's connections (below) until it is complete, so
-stalled clients never keep a complete one out. Memory stays bounded: MAX_PARTIAL_REQUESTS
-partial requests per worker with a head of MAX_HEAD_BYTES at most, and larger bodies within
-the memory their threads could hold anyway (one that does not fit waits, unread). A chunked
-body (no Content-Length) is read by the thread, under the same deadline.
+every thread of two 4-thread workers, and the service answered nobody. Here a thread reads
+only what the socket already holds (without blocking): usually the whole request, which
+came in one piece, and it serves it at once (the hot path costs what it did). An incomplete
+request goes back to the event loop (its main thread), which reads the rest as it comes,
+without blocking, and hands a thread the complete request. A client must send its head
+within REQUEST_HEADER_TIMEOUT of connecting (or of its first byte on a kept-alive
+connection) and its body within REQUEST_BODY_TIMEOUT more, or it gets 408 and is closed.
+A connection that sent part of a request stops counting against the worker's connections
+(below) until it is complete, so stalled clients never keep a complete one out. Memory
+stays bounded: MAX_PARTIAL_REQUESTS partial requests per worker with a head of
+MAX_HEAD_BYTES at most, and larger bodies within the memory their threads could hold anyway
+(one that does not fit waits, unread). A chunked body (no Content-Length) is read by the
+thread, under the same deadline.
 
 **Fairness.** Keep-alive saves a TCP accept and a connection set-up per request (a quarter
 of a cached answer's CPU here), but gunicorn's gthread worker keeps every connection it
@@ -105,6 +108,10 @@ HEAD_TOO_LARGE_RESPONSE = (
     b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: application/json\r\n"
     b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(_HEAD_BODY)
 ) + _HEAD_BODY
+
+
+# What a thread returns for a request that is not all there: the event loop reads the rest.
+INCOMPLETE = object()
 
 
 class RequestTimeout(BaseException):
@@ -219,60 +226,77 @@ class KeepAliveWhenIdleWorker(ThreadWorker):
         self.partial = 0  # entries of self.reading that do not count in nr_conns
         self.next_sweep = 0.0
 
-    # --- the event loop reads the request -------------------------------------------------
+    # --- a thread reads what is there; the event loop waits for the rest --------------------
 
     def enqueue_req(self, conn: Any) -> None:
-        """Start reading a request (new connection, kept-alive one that became readable, or
-        bytes left over from the previous request); a thread gets it once complete."""
+        """Hand a connection to a thread: with its request read by the event loop, or (a new
+        connection, a kept-alive one that became readable, bytes left over from the previous
+        request) for the thread to read what the socket holds, without waiting."""
+        if getattr(conn, "read_ahead", None) is None:
+            conn.read_ahead = None
+        super().enqueue_req(conn)
+
+    def first_read(self, conn: Any) -> Reading | None:
+        """In the thread: what the connection holds now, without blocking (None: the client
+        closed). Usually the whole request: it came in one piece."""
         now = time.monotonic()
         state = Reading(deadline=now + self.header_timeout, silent_until=now + self.cfg.keepalive)
-        if conn.sock.getblocking():  # a thread's socket, with bytes left over
-            conn.sock.setblocking(False)
         if conn.parser is not None:  # a pipelined request may already be in the buffer
             state.buffer += conn.parser.unreader.take_buffered()
-        self.reading[conn] = state
-        if state.buffer and self.request_ready(state, now):
+        if conn.sock.getblocking():  # the socket of the previous request's thread
+            conn.sock.setblocking(False)
+        try:
+            data = conn.sock.recv(RECV_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return state
+        except OSError:
+            return None
+        if not data:
+            return None
+        state.buffer += data
+        return state
+
+    def read_request(self, conn: Any) -> None:
+        """In the event loop: read what the socket holds, without blocking; hand the request
+        to a thread once complete."""
+        state = self.reading[conn]
+        try:
+            data = conn.sock.recv(RECV_BYTES if state.reserved else SMALL_RECV_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.drop(conn)
+            return
+        if not data:  # the client closed its side
+            self.drop(conn)
+            return
+        state.buffer += data
+        if self.request_ready(state, time.monotonic()):
             self.dispatch(conn)
         else:
-            self.read_request(conn)
+            self.keep_reading(conn, state)
 
     def on_request_readable(self, conn: Any, _sock: Any) -> None:
         """The poller saw bytes (or a close) on a connection whose request is incomplete."""
         self.read_request(conn)
 
-    def read_request(self, conn: Any) -> None:
-        """Read what the socket holds, without blocking; dispatch a complete request."""
-        state = self.reading[conn]
-        try:
-            data: bytes | None = conn.sock.recv(RECV_BYTES if state.reserved else SMALL_RECV_BYTES)
-        except (BlockingIOError, InterruptedError):
-            data = None
-        except OSError:
-            self.drop(conn)
-            return
-        if data == b"":  # the client closed its side
-            self.drop(conn)
-            return
-        if data:
-            state.buffer += data
-            if self.request_ready(state, time.monotonic()):
-                self.dispatch(conn)
-                return
-            if state.counted:  # partial: it stops holding a slot until complete
-                state.counted = False
-                self.nr_conns -= 1
-                self.partial += 1
-                if self.partial > MAX_PARTIAL_REQUESTS:
-                    self.drop_oldest_partial()
-                    if conn not in self.reading:  # it was this one
-                        return
-            if state.head_end < 0 and len(state.buffer) > MAX_HEAD_BYTES:
-                self.drop(conn, HEAD_TOO_LARGE_RESPONSE)
-                return
-            if state.waiting:
-                self.pause(conn, state)
-                return
-        self.watch(conn, state)
+    def keep_reading(self, conn: Any, state: Reading) -> None:
+        """An incomplete request: it gives back its connection slot once it has sent
+        something, and waits in the loop (for its bytes, or for room in the budget)."""
+        if state.buffer and state.counted:
+            state.counted = False
+            self.nr_conns -= 1
+            self.partial += 1
+            if self.partial > MAX_PARTIAL_REQUESTS:
+                self.drop_oldest_partial()
+                if conn not in self.reading:  # it was this one
+                    return
+        if state.head_end < 0 and len(state.buffer) > MAX_HEAD_BYTES:
+            self.drop(conn, HEAD_TOO_LARGE_RESPONSE)
+        elif state.waiting:
+            self.pause(conn, state)
+        else:
+            self.watch(conn, state)
 
     def watch(self, conn: Any, state: Reading) -> None:
         """Have the poller tell when more of this request arrives."""
@@ -289,20 +313,32 @@ class KeepAliveWhenIdleWorker(ThreadWorker):
             self.poller.unregister(conn.sock)
             state.registered = False
 
+    def parse_head(self, state: Reading, now: float) -> None:
+        """Once the head is in: where the body ends, and the body's own deadline."""
+        if state.head_end >= 0:
+            return
+        end = state.buffer.find(b"\r\n\r\n")
+        if end < 0 or end + 4 > MAX_HEAD_BYTES:
+            return
+        state.head_end = end + 4
+        length = body_to_buffer(bytes(state.buffer[:end]), self.max_body) or 0
+        state.wanted = state.head_end + length
+        state.deadline = now + self.body_timeout  # the body's own limit starts now
+
+    def complete(self, state: Reading) -> bool:
+        """Whether a thread can serve the request: its head and body are in."""
+        return state.head_end >= 0 and len(state.buffer) >= state.wanted
+
     def request_ready(self, state: Reading, now: float) -> bool:
-        """Whether a thread can take the request now: its head and body are in."""
-        if state.head_end < 0:
-            end = state.buffer.find(b"\r\n\r\n")
-            if end < 0 or end + 4 > MAX_HEAD_BYTES:
-                return False
-            state.head_end = end + 4
-            length = body_to_buffer(bytes(state.buffer[:end]), self.max_body) or 0
-            state.wanted = state.head_end + length
-            state.deadline = now + self.body_timeout  # the body's own limit starts now
-            if length > SMALL_BODY_BYTES and len(state.buffer) < state.wanted:
-                state.waiting = True
-                self.reserve(state)
-        return len(state.buffer) >= state.wanted
+        """In the event loop: whether the request is complete; a large body that is not
+        gets its reservation (or waits for one)."""
+        self.parse_head(state, now)
+        if self.complete(state):
+            return True
+        large = state.head_end >= 0 and state.wanted - state.head_end > SMALL_BODY_BYTES
+        if large and not state.reserved and not state.waiting:
+            state.waiting = not self.reserve(state)
+        return False
 
     def reserve(self, state: Reading) -> bool:
         """Give a large body its room in the budget, if it fits (then it is read)."""
@@ -352,8 +388,8 @@ class KeepAliveWhenIdleWorker(ThreadWorker):
 
     def sweep(self, now: float) -> None:
         """408 for requests past their deadline; silent connections stop holding a slot
-        after the keep-alive time (and are closed at once when the worker stops); paused
-        bodies are read again once there is room."""
+        after the keep-alive time (and are closed at once when the worker stops); large
+        bodies get their reservation once there is room."""
         for conn, state in list(self.reading.items()):
             if now >= state.deadline or (not self.alive and not state.buffer):
                 self.drop(conn, TIMEOUT_RESPONSE if state.buffer else b"")
@@ -367,10 +403,23 @@ class KeepAliveWhenIdleWorker(ThreadWorker):
     # --- a thread serves it ---------------------------------------------------------------
 
     def handle(self, conn: Any) -> Any:
-        """Serve the request read by the event loop (runs in a thread)."""
-        read_ahead, conn.read_ahead = conn.read_ahead, b""
-        conn.data_ready = True  # gunicorn must not wait for data: it is here
+        """Serve a request (runs in a thread): the one the event loop read, or the one the
+        socket holds now; an incomplete one goes back to the event loop (INCOMPLETE)."""
+        read_ahead, conn.read_ahead = conn.read_ahead, None
         conn.closed_here = False
+        if read_ahead is None:
+            state = self.first_read(conn)
+            if state is None:
+                util.close(conn.sock)
+                conn.closed_here = True
+                return False
+            self.parse_head(state, time.monotonic())
+            if not self.complete(state):
+                conn.incomplete = state
+                return INCOMPLETE
+            read_ahead, conn.read_deadline = state.buffer, state.deadline
+            del state
+        conn.data_ready = True  # gunicorn must not wait for data: it is here
         try:
             conn.sock.setblocking(True)
             conn.init()
@@ -411,6 +460,12 @@ class KeepAliveWhenIdleWorker(ThreadWorker):
         the thread closed is only uncounted."""
         self.reserved -= getattr(conn, "reserved", 0)
         conn.reserved = 0
+        if not fs.cancelled() and fs.exception() is None and fs.result() is INCOMPLETE:
+            state, conn.incomplete = conn.incomplete, None
+            self.reading[conn] = state
+            self.request_ready(state, time.monotonic())  # a large body's reservation
+            self.keep_reading(conn, state)
+            return
         if getattr(conn, "closed_here", False):
             self.nr_conns -= 1
             return

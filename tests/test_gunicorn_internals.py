@@ -99,6 +99,10 @@ def test_the_worker_overrides_only_existing_methods() -> None:
         if inspect.isfunction(member) and not name.startswith("__")
     }
     ours = {
+        "first_read",
+        "keep_reading",
+        "parse_head",
+        "complete",
         "on_request_readable",
         "read_request",
         "watch",
