@@ -388,10 +388,12 @@ class KeepAliveWhenIdleWorker(ThreadWorker):
 
     def sweep(self, now: float) -> None:
         """408 for requests past their deadline; silent connections stop holding a slot
-        after the keep-alive time (and are closed at once when the worker stops); large
-        bodies get their reservation once there is room."""
+        after the keep-alive time (and are closed then when the worker stops: a client may
+        have connected just before, its request on the way); large bodies get their
+        reservation once there is room."""
         for conn, state in list(self.reading.items()):
-            if now >= state.deadline or (not self.alive and not state.buffer):
+            silent_too_long = not state.buffer and now >= state.silent_until
+            if now >= state.deadline or (not self.alive and silent_too_long):
                 self.drop(conn, TIMEOUT_RESPONSE if state.buffer else b"")
             elif state.counted and now >= state.silent_until:
                 state.counted = False

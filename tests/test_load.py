@@ -79,11 +79,11 @@ def v2_binary(pixels: np.ndarray) -> tuple[bytes, tuple[tuple[str, str], ...]]:
     return header + raw, ((HEADER_LENGTH, str(len(header))),)
 
 
-DIGITS = np.stack([sample(i % 10) for i in range(32)])
+DIGITS = np.stack([sample(i % 10) for i in range(8)])
 V2_JSON = json.dumps(
     {
         "inputs": [
-            {"name": "pixels", "datatype": "UINT8", "shape": [32, 28, 28], "data": DIGITS.tolist()}
+            {"name": "pixels", "datatype": "UINT8", "shape": [8, 28, 28], "data": DIGITS.tolist()}
         ]
     }
 ).encode()
