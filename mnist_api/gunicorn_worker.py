@@ -32,7 +32,7 @@ waiting in the shared listen queue:
 - idle kept-alive connections that have rested a moment (0.1 s) are closed as soon as a new
   client waits and this worker has no free slot, so an idle browser cannot keep anyone
   waiting for the keep-alive timeout;
-- a new connection that has sent nothing counts for the keep-alive time at most.
+- a new connection that has sent nothing counts for SILENT_SLOT_SECONDS at most.
 
 This class overrides gunicorn internals (`enqueue_req`, `handle`, `finish_request`,
 `murder_keepalived`, `keepalived_conns`, `nr_conns`, the parser's `SocketUnreader`): gunicorn
@@ -76,6 +76,10 @@ SMALL_BODY_BYTES = 8 * 1024
 # at most 128 x 24 KiB = 3 MiB of heads and small bodies per worker besides the budget,
 # whatever the clients do.
 MAX_PARTIAL_REQUESTS = 128
+# A new connection that has sent nothing holds a connection slot this long at most (then it
+# waits without one, until REQUEST_HEADER_TIMEOUT). Not the keep-alive time, which is 100 s
+# behind Heroku's router: a client that connects sends its request at once.
+SILENT_SLOT_SECONDS = 2.0
 # How often the loop looks for requests past their deadline, and for room in the budget.
 SWEEP_SECONDS = 0.1
 # One read: a reserved body's, and everyone else's (never past the caps above by much).
@@ -240,7 +244,7 @@ class KeepAliveWhenIdleWorker(ThreadWorker):
         """In the thread: what the connection holds now, without blocking (None: the client
         closed). Usually the whole request: it came in one piece."""
         now = time.monotonic()
-        state = Reading(deadline=now + self.header_timeout, silent_until=now + self.cfg.keepalive)
+        state = Reading(deadline=now + self.header_timeout, silent_until=now + SILENT_SLOT_SECONDS)
         if conn.parser is not None:  # a pipelined request may already be in the buffer
             state.buffer += conn.parser.unreader.take_buffered()
         if conn.sock.getblocking():  # the socket of the previous request's thread
