@@ -116,6 +116,10 @@ HEAD_TOO_LARGE_RESPONSE = (
 
 # What a thread returns for a request that is not all there: the event loop reads the rest.
 INCOMPLETE = object()
+# A chunked body (no Content-Length) is read by its thread, which it may hold until
+# REQUEST_BODY_TIMEOUT: it reserves two bodies' worth of the budget, so that at most half
+# of a worker's threads ever read one.
+CHUNKED = -1
 
 
 class RequestTimeout(BaseException):
@@ -190,15 +194,16 @@ class Reading:
     counted: bool = True  # counts against worker_connections (in nr_conns)
     registered: bool = False  # the poller watches it
     reserved: int = 0  # bytes of the worker's budget this body holds
+    chunked: bool = False  # its body is chunked: read by the thread once reserved
     waiting: bool = False  # a large body waiting for room in the budget: not read meanwhile
 
 
 def body_to_buffer(head: bytes, most: int) -> int | None:
-    """The body length the event loop should read itself, or None (chunked, over `most`
-    or malformed: the thread and gunicorn's parser deal with it, the app answers 413)."""
+    """The body length the event loop should read itself; CHUNKED; or None (over `most` or
+    malformed: gunicorn's parser answers 400, the app 413, without waiting for the body)."""
     lowered = head.lower()
     if b"\r\ntransfer-encoding:" in lowered:
-        return None
+        return CHUNKED
     start = lowered.find(b"\r\ncontent-length:")
     if start < 0:
         return 0
@@ -326,17 +331,22 @@ class KeepAliveWhenIdleWorker(ThreadWorker):
             return
         state.head_end = end + 4
         length = body_to_buffer(bytes(state.buffer[:end]), self.max_body) or 0
-        state.wanted = state.head_end + length
+        state.chunked = length == CHUNKED
+        state.wanted = state.head_end + max(length, 0)
         state.deadline = now + self.body_timeout  # the body's own limit starts now
 
     def complete(self, state: Reading) -> bool:
-        """Whether a thread can serve the request: its head and body are in."""
-        return state.head_end >= 0 and len(state.buffer) >= state.wanted
+        """Whether a thread can serve the request: its head and body are in (a chunked body:
+        its reservation is made)."""
+        ready = state.head_end >= 0 and len(state.buffer) >= state.wanted
+        return ready and (not state.chunked or state.reserved > 0)
 
     def request_ready(self, state: Reading, now: float) -> bool:
         """In the event loop: whether the request is complete; a large body that is not
         gets its reservation (or waits for one)."""
         self.parse_head(state, now)
+        if state.chunked and not state.reserved and not state.waiting:
+            state.waiting = not self.reserve(state)
         if self.complete(state):
             return True
         large = state.head_end >= 0 and state.wanted - state.head_end > SMALL_BODY_BYTES
@@ -346,7 +356,7 @@ class KeepAliveWhenIdleWorker(ThreadWorker):
 
     def reserve(self, state: Reading) -> bool:
         """Give a large body its room in the budget, if it fits (then it is read)."""
-        length = state.wanted - state.head_end
+        length = 2 * self.max_body if state.chunked else state.wanted - state.head_end
         if self.reserved + length > self.buffer_budget:
             return False
         self.reserved += length
@@ -404,7 +414,10 @@ class KeepAliveWhenIdleWorker(ThreadWorker):
                 self.nr_conns -= 1
                 self.partial += 1
             elif state.waiting and self.reserve(state):  # in the order they came
-                self.watch(conn, state)
+                if self.complete(state):  # a chunked body: its thread reads it
+                    self.dispatch(conn)
+                else:
+                    self.watch(conn, state)
 
     # --- a thread serves it ---------------------------------------------------------------
 
@@ -469,8 +482,10 @@ class KeepAliveWhenIdleWorker(ThreadWorker):
         if not fs.cancelled() and fs.exception() is None and fs.result() is INCOMPLETE:
             state, conn.incomplete = conn.incomplete, None
             self.reading[conn] = state
-            self.request_ready(state, time.monotonic())  # a large body's reservation
-            self.keep_reading(conn, state)
+            if self.request_ready(state, time.monotonic()):  # a chunked body, reserved
+                self.dispatch(conn)
+            else:  # a large body gets its reservation (or waits for one)
+                self.keep_reading(conn, state)
             return
         if getattr(conn, "closed_here", False):
             self.nr_conns -= 1

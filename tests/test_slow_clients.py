@@ -26,6 +26,14 @@ from tools.services import API_KEYS, LiveServer, start_web, stop
 
 PARTIAL_HEAD = b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
 NINE = encode(as_paper(sample(9)))
+# A chunked body (no Content-Length): its first chunk, then nothing. With a key, so that
+# the app reads the body (its thread waits for it).
+CHUNKED_STALL = (
+    b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+    + f"x-api-key: {API_KEYS[0]}\r\n".encode()
+    + b"Transfer-Encoding: chunked\r\n\r\n64\r\n"
+    + NINE[:50]
+)
 BURST = [
     Shot("hit", 200, lambda n: NINE),
     Shot("miss", 200, lambda n: NINE + n.to_bytes(8, "big")),
@@ -88,8 +96,9 @@ def answered_within(server: LiveServer, seconds: float) -> list[float]:
         b"Content-Length: 900\r\n\r\n" + NINE[:100],
         b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
         b"Content-Length: 5000000\r\n\r\n" + b"\0" * 100_000,
+        CHUNKED_STALL,
     ],
-    ids=["head", "small-body", "large-body"],
+    ids=["head", "small-body", "large-body", "chunked-body"],
 )
 def test_stalled_connections_do_not_take_the_service(
     strict_server: LiveServer, payload: bytes
@@ -132,8 +141,9 @@ def read_answer(sock: socket.socket) -> bytes:
             b"Content-Length: 5000000\r\n\r\n" + b"\0" * 100_000,
             3.0,
         ),
+        (CHUNKED_STALL, 3.0),
     ],
-    ids=["head", "small-body", "large-body"],
+    ids=["head", "small-body", "large-body", "chunked-body"],
 )
 def test_a_client_slower_than_the_limit_gets_408(
     strict_server: LiveServer, payload: bytes, limit: float
@@ -282,3 +292,17 @@ def test_partial_requests_past_the_cap_push_out_the_oldest(tmp_path: Path) -> No
         for sock in stalled:
             sock.close()
         stop(server.process)
+
+
+def test_a_chunked_upload_is_served(strict_server: LiveServer) -> None:
+    def chunks() -> Iterator[bytes]:
+        yield NINE[:100]
+        yield NINE[100:]
+
+    response = requests.post(
+        f"{strict_server.url}/predict",
+        data=chunks(),  # no length: requests sends it chunked
+        headers={"x-api-key": strict_server.api_key, "Content-Type": "image/png"},
+        timeout=10,
+    )
+    assert response.status_code == 200 and response.json()["prediccion"] == 9
