@@ -292,7 +292,7 @@ class KeepAliveWhenIdleWorker(ThreadWorker):
     def keep_reading(self, conn: Any, state: Reading) -> None:
         """An incomplete request: it gives back its connection slot once it has sent
         something, and waits in the loop (for its bytes, or for room in the budget)."""
-        if state.buffer and state.counted:
+        if state.buffer and state.counted and self.alive:
             state.counted = False
             self.nr_conns -= 1
             self.partial += 1
@@ -402,13 +402,19 @@ class KeepAliveWhenIdleWorker(ThreadWorker):
 
     def sweep(self, now: float) -> None:
         """408 for requests past their deadline; silent connections stop holding a slot
-        after the keep-alive time (and are closed then when the worker stops: a client may
-        have connected just before, its request on the way); large bodies get their
-        reservation once there is room."""
+        after SILENT_SLOT_SECONDS (and are closed then when the worker stops: a client may
+        have connected just before, its request on the way), partial requests hold one again
+        when it stops; large bodies get their reservation once there is room."""
         for conn, state in list(self.reading.items()):
             silent_too_long = not state.buffer and now >= state.silent_until
             if now >= state.deadline or (not self.alive and silent_too_long):
                 self.drop(conn, TIMEOUT_RESPONSE if state.buffer else b"")
+            elif not self.alive and state.buffer and not state.counted:
+                # A stopping worker waits for the requests it has begun to receive (its
+                # shutdown loop waits while nr_conns > 0, up to graceful_timeout).
+                state.counted = True
+                self.partial -= 1
+                self.nr_conns += 1
             elif state.counted and now >= state.silent_until:
                 state.counted = False
                 self.nr_conns -= 1
