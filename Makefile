@@ -51,7 +51,7 @@ check-vendor: $(VENV)/.dev-installed
 test: system-deps lint check-vendor
 	$(BIN)/python -m pytest
 
-## soak: the load and fault tests in full (a 2-minute soak at concurrency 32, large uploads and V2 bodies mixed in); prints peak RSS per worker and Redis memory
+## soak: the load and fault tests in full (a 2-minute soak at concurrency 32, large uploads, V2 bodies and slow clients mixed in); prints peak RSS per worker and Redis memory
 soak: system-deps $(VENV)/.dev-installed
 	$(BIN)/python -m pytest tests/test_load.py --soak-seconds 120 -s -p no:cacheprovider
 

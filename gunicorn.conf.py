@@ -38,7 +38,8 @@ worker_connections = threads
 # and replaced. gthread workers beat while request threads run: no limit on one request.
 timeout = _settings.timeout
 graceful_timeout = 20
-keepalive = 2  # seconds an idle connection is kept (closed at once if someone waits)
+# Seconds an idle connection is kept (closed at once if someone waits); GUNICORN_KEEPALIVE.
+keepalive = _settings.keepalive
 # Recycle workers now and then so slow leaks cannot grow without bound; jitter staggers them.
 max_requests = _settings.max_requests  # 0 turns recycling off (the soak test does)
 max_requests_jitter = _settings.max_requests // 10

@@ -184,7 +184,16 @@ class Settings:
     web_concurrency: int = 2
     threads: int = 4
     timeout: int = 25
-    max_requests: int = 5000
+    # A worker is recycled after this many requests (plus up to 10% jitter): about 2 hours
+    # of a worker's share of 1,400 answers a second, so a recycle is rare (README).
+    max_requests: int = 5_000_000
+    # Seconds an idle kept-alive connection is kept (closed at once for a waiting client).
+    keepalive: int = 2
+    # A client must send its request head within this many seconds of connecting (or of its
+    # first byte on a kept-alive connection), and its body within this many more; slower
+    # ones get 408 (mnist_api/gunicorn_worker.py reads requests before a thread serves them).
+    request_header_timeout: float = 10.0
+    request_body_timeout: float = 60.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -277,6 +286,11 @@ class Settings:
             threads=_int(env, "GUNICORN_THREADS", cls.threads, 1),
             timeout=_int(env, "GUNICORN_TIMEOUT", cls.timeout, 1),
             max_requests=_int(env, "GUNICORN_MAX_REQUESTS", cls.max_requests, 0),
+            keepalive=_int(env, "GUNICORN_KEEPALIVE", cls.keepalive, 1),
+            request_header_timeout=_float(
+                env, "REQUEST_HEADER_TIMEOUT", cls.request_header_timeout
+            ),
+            request_body_timeout=_float(env, "REQUEST_BODY_TIMEOUT", cls.request_body_timeout),
         )
 
     def __post_init__(self) -> None:
@@ -310,6 +324,8 @@ class Settings:
         ):
             if not 0 <= value <= 1:
                 raise ConfigError(f"{name} must be a number from 0 to 1, got {value}")
+        if self.request_header_timeout <= 0 or self.request_body_timeout <= 0:
+            raise ConfigError("REQUEST_HEADER_TIMEOUT and REQUEST_BODY_TIMEOUT must be above 0")
         if self.deployment_refresh_seconds <= 0:
             raise ConfigError("DEPLOYMENT_REFRESH_SECONDS must be above 0")
         if self.async_queue_max_bytes < self.async_max_upload_bytes + UPLOAD_OVERHEAD_BYTES:

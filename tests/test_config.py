@@ -74,3 +74,23 @@ def test_factory_builds_an_app(settings: Settings) -> None:
     app = create_app(settings)
     assert app.extensions["mnist_settings"] is settings
     assert app.config["MAX_CONTENT_LENGTH"] == settings.max_content_length
+
+
+def test_serving_limits() -> None:
+    defaults = Settings.from_env({})
+    assert (defaults.request_header_timeout, defaults.request_body_timeout) == (10.0, 60.0)
+    assert (defaults.keepalive, defaults.max_requests) == (2, 5_000_000)
+    settings = Settings.from_env(
+        {
+            "REQUEST_HEADER_TIMEOUT": "2.5",
+            "REQUEST_BODY_TIMEOUT": "30",
+            "GUNICORN_KEEPALIVE": "100",
+            "GUNICORN_MAX_REQUESTS": "0",
+        }
+    )
+    assert settings.request_header_timeout == 2.5 and settings.request_body_timeout == 30.0
+    assert settings.keepalive == 100 and settings.max_requests == 0
+    with pytest.raises(ConfigError, match="GUNICORN_KEEPALIVE"):
+        Settings.from_env({"GUNICORN_KEEPALIVE": "0"})
+    with pytest.raises(ConfigError, match="REQUEST_HEADER_TIMEOUT"):
+        Settings(api_keys=("k",), request_header_timeout=0).validate()

@@ -83,6 +83,7 @@ COMPOSE_SERVICES = {"release", "web", "worker", "redis", "db", "prometheus", "gr
 # Settings app.json gives another value than the service's default, and why.
 HEROKU_OVERRIDES = {
     "PROXY_FIX_X_FOR": ("1", "Heroku's router is one proxy hop that appends X-Forwarded-For"),
+    "GUNICORN_KEEPALIVE": ("100", "longer than the router's 90 s idle timeout: it closes first"),
 }
 
 
