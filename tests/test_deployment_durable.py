@@ -236,6 +236,7 @@ def test_a_recreated_container_keeps_the_deployment_and_the_feedback(
     """`docker compose up --force-recreate`: a new container (a fresh instance folder, no
     embedded file) on the same database finds every decision and every feedback."""
     promoted = promote_newer(pg_web)
+    time.sleep(REFRESH_SECONDS * 2 + 0.5)  # the other worker has read it too
     answer = predict(pg_web, 7).json()
     assert answer["model_version"] == full(NEWER)
     form: dict[str, Any] = {"label": "7"}
