@@ -271,6 +271,9 @@ def test_a_database_down_keeps_serving_says_so_and_refuses_changes(
 ) -> None:
     live = web(tmp_path, DATABASE_URL=postgres.url)
     try:
+        # A first start may write a deployment (the release's proposal of a candidate): let
+        # both workers read whatever is in force before the database goes away.
+        time.sleep(REFRESH_SECONDS * 2 + 0.5)
         in_force = get(live, "/deployment")
         history = get(live, "/deployment/history?limit=100")["history"]
         assert get(live, "/readyz")["deployment"] == "ok"

@@ -103,13 +103,9 @@ V2_BINARY, V2_BINARY_HEADERS = v2_binary(np.concatenate([DIGITS, DIGITS]))
 V2_OVER_CAP, V2_OVER_CAP_HEADERS = v2_binary(
     np.zeros((STOCK.v2_max_pixels_batch + 1, 28, 28), np.uint8)
 )
-V2_FULL_BATCH, V2_FULL_BATCH_HEADERS = v2_binary(
-    np.random.default_rng(0).integers(0, 256, (STOCK.v2_max_pixels_batch, 28, 28), np.uint8)
-)
 INFER = V2_INFER
 # Open Inference Protocol bodies: nested JSON pixels, base64 images, binary pixels, and a
-# binary batch one image over the cap (400 too_many_files), a full binary batch and issue
-# 22's nested JSON.
+# binary batch one image over the cap (400 too_many_files), and issue 22's nested JSON.
 V2 = [
     Shot("v2_json_pixels", 200, lambda n: V2_JSON, "application/json", path=INFER),
     Shot("v2_images", 200, lambda n: V2_IMAGES, "application/json", path=INFER),
@@ -130,16 +126,7 @@ V2 = [
         headers=V2_OVER_CAP_HEADERS,
     ),
     Shot("v2_malformed", 400, lambda n: b'{"inputs": [', "application/json", path=INFER),
-    # A full batch in binary, answered within the decode budget or told to retry; issue 22's
-    # nested 3,200-image JSON, refused from its counts before parsing.
-    Shot(
-        "v2_binary_1024",
-        (200, 503),
-        lambda n: V2_FULL_BATCH,
-        "application/octet-stream",
-        path=INFER,
-        headers=V2_FULL_BATCH_HEADERS,
-    ),
+    # Issue 22's nested 3,200-image JSON, refused from its counts before parsing.
     Shot("v2_issue_22", 400, lambda n: v2_nested_3200(), "application/json", path=INFER),
 ]
 

@@ -36,7 +36,7 @@ def feedback_rows(server: LiveServer) -> list[tuple[str, str, int, int, bytes]]:
 
 def test_no_then_a_digit_stores_the_label_and_thanks(page: Page, live_server: LiveServer) -> None:
     before = len(feedback_rows(live_server))
-    draw_seven(page)
+    draw_seven(page, lean=0.03)
     predict(page, live_server.api_key)
     expect(page.locator("#result-digit")).to_have_text("7", timeout=PREDICT_TIMEOUT_MS)
     model = page.locator("#result-model").inner_text()
@@ -70,7 +70,7 @@ def test_no_then_a_digit_stores_the_label_and_thanks(page: Page, live_server: Li
 
 
 def test_yes_sends_the_predicted_digit(page: Page, live_server: LiveServer) -> None:
-    draw_seven(page)
+    draw_seven(page, lean=0.06)
     predict(page, live_server.api_key)
     expect(page.locator("#result-digit")).to_have_text("7", timeout=PREDICT_TIMEOUT_MS)
     page.click("#feedback-yes")

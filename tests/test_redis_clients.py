@@ -55,9 +55,9 @@ def test_apps_share_the_pools_of_their_process(
     for nonce, app in enumerate([create_app(configured), create_app(configured)]):
         use_every_role(app.test_client(), auth, bytes([nonce]))
     names = connection_names(redis_server)
-    # The deployment store's pool serves both apps' background refresh threads: one
-    # connection, or two when their refreshes happened to overlap.
-    assert 1 <= names.pop("mnist-deployments") <= 2
+    # The deployment lives in the database; Redis only carries change notifications: each
+    # app's listener holds its own pub/sub connection.
+    assert names.pop("mnist-deployment-listen") == 2
     assert names == {
         "mnist-cache": 1,
         "mnist-limits": 1,
@@ -117,7 +117,7 @@ def test_every_role_over_tls_with_a_self_signed_certificate(
             "mnist-limits",
             "mnist-jobs",
             "mnist-results",
-            "mnist-deployments",
+            "mnist-deployment-listen",
         }
     finally:
         server.kill()
