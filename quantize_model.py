@@ -1,7 +1,8 @@
 """Quantize a Keras CNN to full-integer int8 LiteRT and install it as a new model version.
 
 Calibration uses training images only. The accuracy gate compares int8 (through
-`mnist_api.model.DigitModel`, the code the service runs) with float on the validation split,
+`mnist_api.inference.model.DigitModel`, the code the service runs) with float on the validation
+split,
 the 500 training images `train_model.py` holds out (same seed and size): the test split is
 never used to decide anything, it is only reported on the card, with the printed-digit,
 user-style and other-writers suites of `training.evaluate`.
@@ -42,7 +43,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up
 import keras
 import tensorflow as tf
 
-from mnist_api.model import MODEL_NAME, DigitModel, file_sha256
+from mnist_api.inference.model import MODEL_NAME, DigitModel, file_sha256
 from training.augment import augment_mnist, mnist_canvas
 from training.browser_variant import check_variant, write_browser_variant
 from training.data import (
@@ -70,7 +71,7 @@ MAX_INT8_DROP = 0.005  # int8 may lose at most half a point of validation accura
 PREPROCESSING = (
     "decode, EXIF-rotate, alpha onto white, greyscale, light-on-dark, crop to the ink, "
     "longer side to 20 px, centre of mass at the centre of 28x28, [0, 1] "
-    "(mnist_api.preprocessing.normalize_digit)"
+    "(mnist_api.imaging.preprocessing.normalize_digit)"
 )
 
 

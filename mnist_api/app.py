@@ -9,37 +9,30 @@ from flask.json.provider import DefaultJSONProvider
 from loguru import logger
 from sqlalchemy import Engine
 
-from mnist_api import (
-    cors,
-    error_handlers,
-    extensions,
-    json_limits,
-    metrics,
-    rate_limits,
-    request_context,
-    schemas,
-)
-from mnist_api.cache import CacheHooks, build_cache
+from mnist_api import extensions, metrics
 from mnist_api.config import PROJECT_ROOT, Settings
-from mnist_api.db import build_engine
-from mnist_api.deployment_manager import DeploymentManager, guard_defaults
-from mnist_api.deployment_notify import ChangeNotifier
-from mnist_api.deployment_router import AutoPromote, DeploymentRouter
-from mnist_api.deployment_store import SqlDeploymentStore
-from mnist_api.evidence import EvidenceRules
-from mnist_api.feedback import FeedbackStore, retention
-from mnist_api.job_store import build_job_store
-from mnist_api.jobs import JobService
-from mnist_api.logs import configure_logging
-from mnist_api.model import MODEL_NAME
-from mnist_api.native_memory import return_large_blocks_to_os
-from mnist_api.prediction_ids import PredictionIds
-from mnist_api.preprocessing import ALLOWED_CONTENT_TYPES
-from mnist_api.registry import ModelRegistry
+from mnist_api.deployment.evidence import EvidenceRules
+from mnist_api.deployment.manager import DeploymentManager, guard_defaults
+from mnist_api.deployment.notify import ChangeNotifier
+from mnist_api.deployment.router import AutoPromote, DeploymentRouter
+from mnist_api.deployment.store import SqlDeploymentStore
+from mnist_api.feedback.store import FeedbackStore, retention
+from mnist_api.http import cors, json_limits, rate_limits, request_context, schemas
+from mnist_api.http import handlers as error_handlers
+from mnist_api.http.logs import configure_logging
+from mnist_api.imaging.native_memory import return_large_blocks_to_os
+from mnist_api.imaging.preprocessing import ALLOWED_CONTENT_TYPES
+from mnist_api.inference.cache import CacheHooks, build_cache
+from mnist_api.inference.model import MODEL_NAME
+from mnist_api.inference.prediction_ids import PredictionIds
+from mnist_api.inference.registry import ModelRegistry
+from mnist_api.inference.service import PredictionService, limits_from
+from mnist_api.jobs.service import JobService
+from mnist_api.jobs.store import build_job_store
+from mnist_api.jobs.tasks import celery_init_app
 from mnist_api.routes import api, feedback, ops, v2, web
 from mnist_api.routes import deployment as deployment_routes
-from mnist_api.service import PredictionService, limits_from
-from mnist_api.tasks import celery_init_app
+from mnist_api.storage.db import build_engine
 
 API_VERSION = "1.0.0"
 

@@ -14,11 +14,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from mnist_api.rate_windows import parse_windows
+from mnist_api.http.rate_windows import parse_windows
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MIB = 1024 * 1024
-# What a queued upload costs Redis besides its bytes (mnist_api.job_store charges it).
+# What a queued upload costs Redis besides its bytes (mnist_api.jobs.store charges it).
 UPLOAD_OVERHEAD_BYTES = 2048
 
 
@@ -106,7 +106,7 @@ class Settings:
     """Every setting of the service, typed. Field docs are in the README's table."""
 
     api_keys: tuple[str, ...] = ()
-    # Installed model versions: one folder per version under here (mnist_api/registry.py).
+    # Installed model versions: one folder per version under here (mnist_api/inference/registry.py).
     models_dir: Path = PROJECT_ROOT / "models"
     default_model_version: str = ""  # stable at first start; empty: the newest installed
     max_content_length: int = 10 * MIB
@@ -172,7 +172,7 @@ class Settings:
     # auto-promotion or the retrain holdout read; and at least this many distinct keys.
     evidence_max_share_per_key: float = 0.2
     evidence_min_keys: int = 5
-    # Feedback store (mnist_api/db.py): DATABASE_URL, or "" for the embedded SQLite file.
+    # Feedback store (mnist_api/storage/db.py): DATABASE_URL, or "" for the embedded SQLite file.
     database_url: str = ""
     database_timeout_seconds: float = 3.0
     # Feedback retention (0 = no limit): ~2.3 KB per row in PostgreSQL, so 100,000 rows are
@@ -191,7 +191,8 @@ class Settings:
     keepalive: int = 2
     # A client must send its request head within this many seconds of connecting (or of its
     # first byte on a kept-alive connection), and its body within this many more; slower
-    # ones get 408 (mnist_api/gunicorn_worker.py reads requests before a thread serves them).
+    # ones get 408 (mnist_api/serving/gunicorn_worker.py reads requests before a thread
+    # serves them).
     request_header_timeout: float = 10.0
     request_body_timeout: float = 60.0
 

@@ -12,9 +12,10 @@ import pytest
 from apiflask import APIFlask
 from flask.testing import FlaskClient
 
-from mnist_api import create_app, db
+from mnist_api import create_app
 from mnist_api.config import PROJECT_ROOT, Settings
 from mnist_api.extensions import CACHE
+from mnist_api.storage import db
 from tests.worker_process import Worker
 from tools.redis_server import RedisServer
 from tools.services import (
@@ -136,7 +137,7 @@ def two_versions(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, s
     `.tflite` trained on shuffled labels (tests/bad_model.py), which answers with near-
     uniform, low-confidence guesses. Trained once per session, in a subprocess.
     """
-    from mnist_api.registry import ModelRegistry  # noqa: PLC0415 - only for this fixture
+    from mnist_api.inference.registry import ModelRegistry  # noqa: PLC0415 - only for this fixture
 
     folder = tmp_path_factory.mktemp("models")
     committed = PROJECT_ROOT / "models"

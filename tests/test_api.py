@@ -15,7 +15,7 @@ from loguru import logger
 from mnist_api.app import create_app
 from mnist_api.config import Settings
 from mnist_api.extensions import SERVICE
-from mnist_api.model import DigitModel
+from mnist_api.inference.model import DigitModel
 from tests.samples import as_paper, encode, sample
 from tests.test_errors import truncated_png
 

@@ -7,13 +7,13 @@ import re
 import pytest
 from apiflask import APIFlask
 
-from mnist_api import errors
 from mnist_api.config import PROJECT_ROOT
-from mnist_api.error_handlers import BadRequest
+from mnist_api.http import errors
+from mnist_api.http.handlers import BadRequest
 
 API_DOC = PROJECT_ROOT / "docs" / "api.md"
 README = PROJECT_ROOT / "README.md"
-# Codes a task's status can carry besides the upload errors (mnist_api/tasks.py).
+# Codes a task's status can carry besides the upload errors (mnist_api/jobs/tasks.py).
 TASK_ONLY_CODES = ("upload_expired",)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from flask.testing import FlaskClient
 
-from mnist_api.auth import key_fingerprint, key_matches
+from mnist_api.http.auth import key_fingerprint, key_matches
 from tests.samples import as_paper, encode, sample
 from tests.test_errors import assert_contract_error
 from tools.services import API_KEYS

@@ -13,8 +13,8 @@ from ai_edge_litert.interpreter import Interpreter
 from flask.testing import FlaskClient
 
 from mnist_api.config import PROJECT_ROOT
-from mnist_api.model import DigitModel
-from mnist_api.registry import ModelRegistry
+from mnist_api.inference.model import DigitModel
+from mnist_api.inference.registry import ModelRegistry
 
 MODELS = PROJECT_ROOT / "models"
 VERSIONS = sorted(p.name for p in MODELS.iterdir() if (p / "model_card.json").is_file())

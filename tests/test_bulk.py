@@ -54,7 +54,7 @@ def run_bulk(
         [
             sys.executable,
             "-m",
-            "mnist_api.bulk",
+            "mnist_api.jobs.bulk",
             str(source),
             "--out",
             str(out),

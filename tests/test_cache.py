@@ -19,10 +19,10 @@ from flask.testing import FlaskClient
 from loguru import logger
 
 from mnist_api import create_app
-from mnist_api.cache import CacheHooks, MemoryCache, RedisCache, build_cache
 from mnist_api.config import PROJECT_ROOT, Settings
 from mnist_api.extensions import CACHE, SERVICE
-from mnist_api.model import DigitModel
+from mnist_api.inference.cache import CacheHooks, MemoryCache, RedisCache, build_cache
+from mnist_api.inference.model import DigitModel
 from tests.samples import as_paper, encode, sample
 from tools.decode_memory import small_digit
 from tools.redis_server import RedisServer

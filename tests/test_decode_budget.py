@@ -15,10 +15,10 @@ import pytest
 from PIL import Image
 
 from mnist_api.config import MIB, Settings
-from mnist_api.decode_budget import DecodeBudget
-from mnist_api.decoding import coarsest_scale, decode_cost, open_image, read_header
-from mnist_api.errors import ImageTooLarge, Overloaded
-from mnist_api.preprocessing import Limits, preprocess
+from mnist_api.http.errors import ImageTooLarge, Overloaded
+from mnist_api.imaging.budget import DecodeBudget
+from mnist_api.imaging.decoding import coarsest_scale, decode_cost, open_image, read_header
+from mnist_api.imaging.preprocessing import Limits, preprocess
 from tests.samples import as_paper, encode, sample
 from tools.decode_memory import canvas_png, seven
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mnist_api import decoding
 from mnist_api.config import PROJECT_ROOT
-from mnist_api.decoding import Header, coarsest_scale, decode_cost, open_image, read_header
+from mnist_api.imaging import decoding
+from mnist_api.imaging.decoding import Header, coarsest_scale, decode_cost, open_image, read_header
 from tests.samples import as_paper, encode, sample
 from tools.decode_memory import SAMPLES
 

@@ -38,7 +38,7 @@ import yaml
 
 from mnist_api import create_app
 from mnist_api.config import PROJECT_ROOT, ConfigError, Settings
-from mnist_api.registry import ModelRegistry
+from mnist_api.inference.registry import ModelRegistry
 
 ROOT = PROJECT_ROOT
 DOCKERFILE = ROOT / "Dockerfile"
@@ -1048,7 +1048,7 @@ def test_slug_keeps_what_the_procfile_processes_need(slug: dict[str, str]) -> No
         for path in (model.model_path, model.card_path, browser):
             assert path is not None
             needed.add(path.resolve().relative_to(ROOT).as_posix())
-    for entry in ("api", "make_celery", "gunicorn.conf", "mnist_api.release_check"):
+    for entry in ("api", "make_celery", "gunicorn.conf", "mnist_api.serving.release_check"):
         assert entry in PROCFILE.read_text(), f"the Procfile no longer runs {entry}"
     missing = sorted(path for path in needed if slug.get(path, "?") != "")
     assert not missing, f"the slug would lack {missing}"

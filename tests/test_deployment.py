@@ -24,21 +24,22 @@ import pytest
 from apiflask import APIFlask
 from flask.testing import FlaskClient
 
-from mnist_api import create_app, db, metrics
-from mnist_api.auth import admin_identity
+from mnist_api import create_app, metrics
 from mnist_api.config import PROJECT_ROOT, ConfigError, Settings
-from mnist_api.deployment import Deployment, GuardSettings, ab_position
-from mnist_api.deployment_manager import DeploymentManager
-from mnist_api.deployment_router import AutoPromote, DeploymentRouter, per_key
-from mnist_api.deployment_store import MemoryDeploymentStore, SqlDeploymentStore
-from mnist_api.errors import DeploymentStoreUnavailable, InvalidDeployment
-from mnist_api.extensions import DEPLOYMENTS, ROUTER
-from mnist_api.guard import (
+from mnist_api.deployment.guard import (
     VersionStats,
     guard_verdict,
     probability_at_least_as_good,
     worse_beyond_margin,
 )
+from mnist_api.deployment.manager import DeploymentManager
+from mnist_api.deployment.router import AutoPromote, DeploymentRouter, per_key
+from mnist_api.deployment.store import MemoryDeploymentStore, SqlDeploymentStore
+from mnist_api.deployment.value import Deployment, GuardSettings, ab_position
+from mnist_api.extensions import DEPLOYMENTS, ROUTER
+from mnist_api.http.auth import admin_identity
+from mnist_api.http.errors import DeploymentStoreUnavailable, InvalidDeployment
+from mnist_api.storage import db
 from tests.samples import as_paper, encode, sample
 from tools.services import API_KEYS, TEST_SECRET_KEY, free_port, venv_env
 
@@ -704,7 +705,7 @@ def test_put_with_the_store_down_is_503_deployment_unavailable(
 
 def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "mnist_api.deploy", *args],
+        [sys.executable, "-m", "mnist_api.deployment.cli", *args],
         cwd=PROJECT_ROOT,
         env=venv_env(**env),
         capture_output=True,

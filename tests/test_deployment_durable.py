@@ -30,8 +30,8 @@ from typing import Any
 import pytest
 import requests
 
-from mnist_api import db
 from mnist_api.config import PROJECT_ROOT
+from mnist_api.storage import db
 from tests.samples import as_paper, encode, sample
 from tools.postgres_server import PostgresServer, postgres_bin
 from tools.redis_server import RedisServer

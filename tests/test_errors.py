@@ -199,7 +199,7 @@ def broken_service(app: APIFlask, monkeypatch: pytest.MonkeyPatch) -> Iterator[N
     """A fault no real input produces: the service raises something unexpected."""
 
     def explode(data: bytes, **_options: object) -> dict:
-        raise RuntimeError("secret detail at /work/main/mnist_api/service.py")
+        raise RuntimeError("secret detail at /work/main/mnist_api/inference/service.py")
 
     monkeypatch.setattr(app.extensions[SERVICE], "predict", explode)
     yield

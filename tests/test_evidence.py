@@ -1,4 +1,4 @@
-"""The evidence rules (mnist_api/evidence.py) and the bounds the README states for them.
+"""The evidence rules (mnist_api/deployment/evidence.py) and the bounds the README states for them.
 
 Bounds (README, "Evidence rules"): one key weighs at most EVIDENCE_MAX_SHARE_PER_KEY (s) of
 any statistic, so against the same other evidence it moves a rate by at most s (k colluding
@@ -13,11 +13,11 @@ import random
 import numpy as np
 import pytest
 
-from mnist_api.deployment import GuardSettings
-from mnist_api.errors import InvalidPredictionId
-from mnist_api.evidence import EvidenceRules, capped_rate, holdout_weights, key_cap
-from mnist_api.guard import VersionStats, guard_verdict, promotion_verdict
-from mnist_api.prediction_ids import PredictionIds
+from mnist_api.deployment.evidence import EvidenceRules, capped_rate, holdout_weights, key_cap
+from mnist_api.deployment.guard import VersionStats, guard_verdict, promotion_verdict
+from mnist_api.deployment.value import GuardSettings
+from mnist_api.http.errors import InvalidPredictionId
+from mnist_api.inference.prediction_ids import PredictionIds
 
 RULES = EvidenceRules(max_share=0.2, min_keys=5)
 

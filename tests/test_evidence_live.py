@@ -22,10 +22,10 @@ import requests
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from mnist_api.auth import key_fingerprint
-from mnist_api.feedback import FeedbackStore
-from mnist_api.prediction_ids import PredictionIds, input_digest
-from mnist_api.preprocessing import preprocess
+from mnist_api.feedback.store import FeedbackStore
+from mnist_api.http.auth import key_fingerprint
+from mnist_api.imaging.preprocessing import preprocess
+from mnist_api.inference.prediction_ids import PredictionIds, input_digest
 from tests.samples import mnist_test_split, sample
 from tools.redis_server import RedisServer
 from tools.services import TEST_SECRET_KEY, LiveServer, free_port, start_web, stop

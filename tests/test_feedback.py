@@ -1,6 +1,6 @@
 """POST /feedback and GET /feedback/stats on a real SQLite file and a real PostgreSQL server.
 
-Both databases are built by the Alembic migrations (`mnist_api.db.upgrade`), as the release
+Both databases are built by the Alembic migrations (`mnist_api.storage.db.upgrade`), as the release
 phase does; PostgreSQL is a real server the tests start on a free port (tools/postgres_server.py)
 and stop, to see /feedback answer 503 while /predict goes on.
 """
@@ -21,15 +21,16 @@ from flask.testing import FlaskClient
 from PIL import Image
 from sqlalchemy import create_engine, func, inspect, select, text
 
-from mnist_api import create_app, db
-from mnist_api.auth import key_fingerprint
+from mnist_api import create_app
 from mnist_api.config import Settings
 from mnist_api.extensions import CACHE, FEEDBACK, ROUTER, SERVICE
-from mnist_api.feedback import FeedbackStore, decode_input
-from mnist_api.prediction_ids import input_digest
-from mnist_api.preprocessing import preprocess
-from mnist_api.service import SingleRouter
-from mnist_api.tables import feedback, metadata
+from mnist_api.feedback.store import FeedbackStore, decode_input
+from mnist_api.http.auth import key_fingerprint
+from mnist_api.imaging.preprocessing import preprocess
+from mnist_api.inference.prediction_ids import input_digest
+from mnist_api.inference.service import SingleRouter
+from mnist_api.storage import db
+from mnist_api.storage.tables import feedback, metadata
 from tests.samples import as_paper, encode, sample
 from tools.postgres_server import PostgresServer, postgres_bin
 from tools.services import API_KEYS, free_port
@@ -443,7 +444,7 @@ def test_sqlite_schema_comes_from_alembic(tmp_path: Path) -> None:
 
 
 def assert_schema_is_the_tables(url: str) -> None:
-    """At the newest revision, and exactly the tables mnist_api/tables.py describes (the
+    """At the newest revision, and exactly the tables mnist_api/storage/tables.py describes (the
     deployment's three tables of issue 21 included): Alembic finds nothing to change."""
     from alembic.autogenerate import compare_metadata  # noqa: PLC0415
     from alembic.runtime.migration import MigrationContext  # noqa: PLC0415
@@ -493,11 +494,11 @@ def test_openapi_documents_feedback(client: FlaskClient) -> None:
 def test_migrations_build_exactly_the_tables_the_code_uses(
     backend: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
-    """Alembic's autogenerate finds nothing to add: mnist_api/tables.py == the migrations."""
+    """Alembic's autogenerate finds nothing to add: mnist_api/storage/tables.py == migrations."""
     from alembic.autogenerate import compare_metadata  # noqa: PLC0415
     from alembic.runtime.migration import MigrationContext  # noqa: PLC0415
 
-    from mnist_api.tables import metadata  # noqa: PLC0415
+    from mnist_api.storage.tables import metadata  # noqa: PLC0415
 
     if backend == "sqlite":
         url = f"sqlite:///{tmp_path / 'feedback.db'}"

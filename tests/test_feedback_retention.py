@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from sqlalchemy import event, func, select, update
 
-from mnist_api import db
 from mnist_api.config import PROJECT_ROOT, Settings
-from mnist_api.feedback import FeedbackEntry, FeedbackStore, Retention, retention
-from mnist_api.tables import feedback
+from mnist_api.feedback.store import FeedbackEntry, FeedbackStore, Retention, retention
+from mnist_api.storage import db
+from mnist_api.storage.tables import feedback
 from tools.postgres_server import PostgresServer, postgres_bin
 from tools.services import free_port, venv_env
 
@@ -171,7 +171,7 @@ def test_retention_settings_and_the_prune_command(tmp_path: Path) -> None:
         store.record(entry(number))
     store.dispose()
     done = subprocess.run(
-        [sys.executable, "-m", "mnist_api.db", "prune"],
+        [sys.executable, "-m", "mnist_api.storage.db", "prune"],
         cwd=PROJECT_ROOT,
         env=venv_env(DATABASE_URL=url, FEEDBACK_MAX_ROWS="2"),
         capture_output=True,

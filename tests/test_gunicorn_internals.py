@@ -1,4 +1,5 @@
-"""What mnist_api/gunicorn_worker.py relies on inside gunicorn, checked against the installed one.
+"""What mnist_api/serving/gunicorn_worker.py relies on inside gunicorn, checked against the
+installed one.
 
 The worker subclasses gthread's ThreadWorker and overrides methods gunicorn does not document
 as an API. gunicorn is pinned (requirements.txt); when someone moves the pin, these tests say
@@ -15,7 +16,7 @@ from gunicorn.http.unreader import SocketUnreader, Unreader
 from gunicorn.workers import gthread
 
 from mnist_api.config import PROJECT_ROOT
-from mnist_api.gunicorn_worker import DeadlineUnreader, KeepAliveWhenIdleWorker
+from mnist_api.serving.gunicorn_worker import DeadlineUnreader, KeepAliveWhenIdleWorker
 
 
 def source(function: object) -> str:
@@ -29,7 +30,7 @@ def test_gunicorn_is_the_pinned_version() -> None:
     assert gunicorn.__version__ == pinned.group(1)
     # The version the worker was written against: a new one needs the checks below re-read.
     assert gunicorn.__version__ == "27.0.1", (
-        "gunicorn changed: re-read gthread.py against mnist_api/gunicorn_worker.py, then "
+        "gunicorn changed: re-read gthread.py against mnist_api/serving/gunicorn_worker.py, then "
         "update this version"
     )
 

@@ -13,10 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mnist_api import inference_protocol as protocol
-from mnist_api.decode_budget import DecodeBudget
-from mnist_api.errors import MissingFile, ServiceError, TooManyFiles
-from mnist_api.inference_protocol import HEADER_LENGTH, Limits, build_response, parse_request
+from mnist_api.http.errors import MissingFile, ServiceError, TooManyFiles
+from mnist_api.imaging.budget import DecodeBudget
+from mnist_api.protocol import codec as protocol
+from mnist_api.protocol.codec import HEADER_LENGTH, Limits, build_response, parse_request
 
 LIMITS = Limits(max_images=8, max_pixels_batch=16)
 

@@ -22,7 +22,7 @@ import requests
 from PIL import Image
 
 from mnist_api.config import MIB, Settings
-from mnist_api.inference_protocol import HEADER_LENGTH
+from mnist_api.protocol.codec import HEADER_LENGTH
 from tests.samples import as_paper, encode, sample
 from tests.test_errors import pdf_file
 from tests.test_upload_memory import V2_INFER, issue_png, large_png, large_webp, v2_nested_3200

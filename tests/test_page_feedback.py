@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 import pytest
 from playwright.sync_api import Page, Route, expect
 
-from mnist_api.auth import key_fingerprint
+from mnist_api.http.auth import key_fingerprint
 from tests import test_page
 from tests.test_page import PREDICT_TIMEOUT_MS, draw_seven, predict
 from tools.services import LiveServer

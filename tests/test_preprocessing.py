@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from mnist_api import preprocessing
-from mnist_api.errors import BlankImage, ImageTooLarge, InvalidImage, UnsupportedMediaType
-from mnist_api.preprocessing import Limits, normalize_digit, preprocess
+from mnist_api.http.errors import BlankImage, ImageTooLarge, InvalidImage, UnsupportedMediaType
+from mnist_api.imaging import preprocessing
+from mnist_api.imaging.preprocessing import Limits, normalize_digit, preprocess
 from tests import reference_preprocessing
 from tests.samples import as_paper, encode, mnist_test_split, sample, upload_like_a_user
 

@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from mnist_api import db, proposals
 from mnist_api.config import PROJECT_ROOT, Settings
-from mnist_api.proposals import Proposal, pending_proposal, release
-from mnist_api.registry import ModelRegistry
-from mnist_api.tables import candidate_proposals
+from mnist_api.deployment import proposals
+from mnist_api.deployment.proposals import Proposal, pending_proposal, release
+from mnist_api.inference.registry import ModelRegistry
+from mnist_api.storage import db
+from mnist_api.storage.tables import candidate_proposals
 from tools.services import free_port
 
 STABLE = "fe5e4f4d480b"

@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mnist_api import db
 from mnist_api.config import PROJECT_ROOT, Settings
-from mnist_api.feedback import FeedbackEntry, FeedbackRows, FeedbackStore
-from mnist_api.preprocessing import normalize_digit
-from mnist_api.proposals import Proposal, pending_proposal, release
-from mnist_api.registry import ModelRegistry
-from mnist_api.release_check import check_version
+from mnist_api.deployment.proposals import Proposal, pending_proposal, release
+from mnist_api.feedback.store import FeedbackEntry, FeedbackRows, FeedbackStore
+from mnist_api.imaging.preprocessing import normalize_digit
+from mnist_api.inference.registry import ModelRegistry
+from mnist_api.serving.release_check import check_version
+from mnist_api.storage import db
 from training.feedback_data import (
     FeedbackRules,
     export_npz,

@@ -2,7 +2,7 @@
 
 A gthread worker hands a readable connection to a thread, which then blocks reading the rest
 of the request: 8 sockets that sent half a request used to take every thread of two workers.
-The worker in mnist_api/gunicorn_worker.py reads each request in its event loop first.
+The worker in mnist_api/serving/gunicorn_worker.py reads each request in its event loop first.
 """
 
 from __future__ import annotations

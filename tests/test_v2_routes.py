@@ -21,8 +21,8 @@ from werkzeug.test import TestResponse
 from mnist_api import create_app
 from mnist_api.config import Settings
 from mnist_api.extensions import SERVICE
-from mnist_api.inference_protocol import HEADER_LENGTH
-from mnist_api.service import PredictionService, Route
+from mnist_api.inference.service import PredictionService, Route
+from mnist_api.protocol.codec import HEADER_LENGTH
 from tests.samples import as_paper, encode, sample, upload_like_a_user
 from tests.test_errors import assert_contract_error
 from tests.test_metrics import total

@@ -12,8 +12,8 @@ from flask.testing import FlaskClient
 
 from mnist_api.config import PROJECT_ROOT, ConfigError
 from mnist_api.extensions import SERVICE
-from mnist_api.registry import ModelRegistry, RegistryError, short_version
-from mnist_api.service import PredictionService
+from mnist_api.inference.registry import ModelRegistry, RegistryError, short_version
+from mnist_api.inference.service import PredictionService
 from tests.samples import as_paper, encode, sample
 
 MODELS = PROJECT_ROOT / "models"

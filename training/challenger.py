@@ -21,7 +21,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up
 import keras
 import tensorflow as tf
 
-from mnist_api.model import DigitModel
+from mnist_api.inference.model import DigitModel
 from quantize_model import calibration_images, convert
 from train_model import RECIPES
 from training.augment import augment_mnist, mnist_canvas

@@ -10,9 +10,6 @@ from apiflask import APIBlueprint
 from apiflask.schemas import FileSchema
 from flask import Response, g, request, send_file, url_for
 
-from mnist_api import rate_limits, schemas, uploads
-from mnist_api.auth import api_key_auth
-from mnist_api.errors import NotReady
 from mnist_api.extensions import (
     get_cache,
     get_jobs,
@@ -20,7 +17,10 @@ from mnist_api.extensions import (
     get_service,
     get_settings,
 )
-from mnist_api.schemas import documents_query, documents_upload
+from mnist_api.http import rate_limits, schemas, uploads
+from mnist_api.http.auth import api_key_auth
+from mnist_api.http.errors import NotReady
+from mnist_api.http.schemas import documents_query, documents_upload
 
 bp = APIBlueprint("api", __name__, tag="Predictions")
 

@@ -2,7 +2,7 @@
 
 `public_bp`: server metadata and health, without a key and without a rate limit (probes).
 `bp`: the model routes, with the key and the same per-key limit as /predict. The body
-codec is `mnist_api.inference_protocol`; these views only read the request, call the
+codec is `mnist_api.protocol.codec`; these views only read the request, call the
 service and send what the codec built.
 """
 
@@ -14,13 +14,13 @@ import numpy as np
 from apiflask import APIBlueprint, APIFlask
 from flask import Response, current_app, g, request
 
-from mnist_api import inference_protocol as protocol
-from mnist_api import inference_schemas as schemas
-from mnist_api.auth import api_key_auth
-from mnist_api.errors import ModelNotFound, NotReady, ServiceError, UnsupportedMediaType
 from mnist_api.extensions import get_registry, get_service, get_settings
-from mnist_api.inference_schemas import document_openapi
-from mnist_api.model import DigitModel
+from mnist_api.http.auth import api_key_auth
+from mnist_api.http.errors import ModelNotFound, NotReady, ServiceError, UnsupportedMediaType
+from mnist_api.inference.model import DigitModel
+from mnist_api.protocol import codec as protocol
+from mnist_api.protocol import schemas
+from mnist_api.protocol.schemas import document_openapi
 
 __all__ = ["bp", "document_openapi", "public_bp"]
 
