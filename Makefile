@@ -37,11 +37,12 @@ run: $(VENV)/.deploy-installed
 system-deps:
 	bash scripts/install-system-deps.sh
 
-## lint: ruff (lint + format check) and mypy
+## lint: ruff (lint + format check), mypy and the import contracts (import-linter)
 lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 ## check-vendor: the page's vendored runtime (static/vendor/) equals its npm packages byte for byte
 check-vendor: $(VENV)/.dev-installed

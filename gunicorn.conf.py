@@ -9,7 +9,7 @@ from typing import Any
 from loguru import logger
 
 from mnist_api.config import Settings
-from mnist_api.http.logs import configure_logging
+from mnist_api.logs import configure_logging
 from mnist_api.serving.gunicorn_logging import LoguruGunicornLogger
 
 _settings = Settings.from_env()

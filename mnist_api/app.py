@@ -19,7 +19,6 @@ from mnist_api.deployment.store import SqlDeploymentStore
 from mnist_api.feedback.store import FeedbackStore, retention
 from mnist_api.http import cors, json_limits, rate_limits, request_context, schemas
 from mnist_api.http import handlers as error_handlers
-from mnist_api.http.logs import configure_logging
 from mnist_api.imaging.native_memory import return_large_blocks_to_os
 from mnist_api.imaging.preprocessing import ALLOWED_CONTENT_TYPES
 from mnist_api.inference.cache import CacheHooks, build_cache
@@ -27,9 +26,11 @@ from mnist_api.inference.model import MODEL_NAME
 from mnist_api.inference.prediction_ids import PredictionIds
 from mnist_api.inference.registry import ModelRegistry
 from mnist_api.inference.service import PredictionService, limits_from
+from mnist_api.jobs import tasks as _tasks  # noqa: F401 - registers the task bodies with Celery
+from mnist_api.jobs.celery_app import celery_init_app
 from mnist_api.jobs.service import JobService
 from mnist_api.jobs.store import build_job_store
-from mnist_api.jobs.tasks import celery_init_app
+from mnist_api.logs import configure_logging
 from mnist_api.routes import api, feedback, ops, v2, web
 from mnist_api.routes import deployment as deployment_routes
 from mnist_api.storage.db import build_engine

@@ -30,7 +30,7 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from mnist_api.http.errors import Unauthorized
+from mnist_api.errors import Unauthorized
 
 # The HTTP metrics keep the names (and labels) prometheus-flask-exporter gave them, which the
 # dashboard and the alerts query; the app records them itself, in one hook per request.

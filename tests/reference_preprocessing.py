@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from mnist_api.http.errors import BlankImage
+from mnist_api.errors import BlankImage
 from mnist_api.imaging.decoding import (
     MAX_WORK_PIXELS,
     Header,

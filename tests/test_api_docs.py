@@ -7,8 +7,8 @@ import re
 import pytest
 from apiflask import APIFlask
 
+from mnist_api import errors
 from mnist_api.config import PROJECT_ROOT
-from mnist_api.http import errors
 from mnist_api.http.handlers import BadRequest
 
 API_DOC = PROJECT_ROOT / "docs" / "api.md"

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from mnist_api.config import MIB, Settings
-from mnist_api.http.errors import ImageTooLarge, Overloaded
+from mnist_api.errors import ImageTooLarge, Overloaded
 from mnist_api.imaging.budget import DecodeBudget
 from mnist_api.imaging.decoding import coarsest_scale, decode_cost, open_image, read_header
 from mnist_api.imaging.preprocessing import Limits, preprocess

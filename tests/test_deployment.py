@@ -36,9 +36,9 @@ from mnist_api.deployment.manager import DeploymentManager
 from mnist_api.deployment.router import AutoPromote, DeploymentRouter, per_key
 from mnist_api.deployment.store import MemoryDeploymentStore, SqlDeploymentStore
 from mnist_api.deployment.value import Deployment, GuardSettings, ab_position
+from mnist_api.errors import DeploymentStoreUnavailable, InvalidDeployment
 from mnist_api.extensions import DEPLOYMENTS, ROUTER
 from mnist_api.http.auth import admin_identity
-from mnist_api.http.errors import DeploymentStoreUnavailable, InvalidDeployment
 from mnist_api.storage import db
 from tests.samples import as_paper, encode, sample
 from tools.services import API_KEYS, TEST_SECRET_KEY, free_port, venv_env

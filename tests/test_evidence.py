@@ -16,7 +16,7 @@ import pytest
 from mnist_api.deployment.evidence import EvidenceRules, capped_rate, holdout_weights, key_cap
 from mnist_api.deployment.guard import VersionStats, guard_verdict, promotion_verdict
 from mnist_api.deployment.value import GuardSettings
-from mnist_api.http.errors import InvalidPredictionId
+from mnist_api.errors import InvalidPredictionId
 from mnist_api.inference.prediction_ids import PredictionIds
 
 RULES = EvidenceRules(max_share=0.2, min_keys=5)

@@ -171,7 +171,7 @@ def test_retention_settings_and_the_prune_command(tmp_path: Path) -> None:
         store.record(entry(number))
     store.dispose()
     done = subprocess.run(
-        [sys.executable, "-m", "mnist_api.storage.db", "prune"],
+        [sys.executable, "-m", "mnist_api.db", "prune"],
         cwd=PROJECT_ROOT,
         env=venv_env(DATABASE_URL=url, FEEDBACK_MAX_ROWS="2"),
         capture_output=True,

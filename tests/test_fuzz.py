@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from mnist_api.http.errors import ServiceError
+from mnist_api.errors import ServiceError
 from mnist_api.imaging.preprocessing import Limits, preprocess
 from tools.services import LiveServer
 

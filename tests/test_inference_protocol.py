@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mnist_api.http.errors import MissingFile, ServiceError, TooManyFiles
+from mnist_api.errors import MissingFile, ServiceError, TooManyFiles
 from mnist_api.imaging.budget import DecodeBudget
 from mnist_api.protocol import codec as protocol
 from mnist_api.protocol.codec import HEADER_LENGTH, Limits, build_response, parse_request

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mnist_api.errors import ServiceError
 from mnist_api.http import json_limits
-from mnist_api.http.errors import ServiceError
 
 JSON_VALUES = st.recursive(
     st.none()

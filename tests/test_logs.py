@@ -13,7 +13,7 @@ from flask.testing import FlaskClient
 from mnist_api import create_app
 from mnist_api.config import Settings
 from mnist_api.extensions import SERVICE
-from mnist_api.http.logs import configure_logging
+from mnist_api.logs import configure_logging
 from tests.samples import as_paper, encode, sample
 from tools.services import LiveServer
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from mnist_api.http.errors import BlankImage, ImageTooLarge, InvalidImage, UnsupportedMediaType
+from mnist_api.errors import BlankImage, ImageTooLarge, InvalidImage, UnsupportedMediaType
 from mnist_api.imaging import preprocessing
 from mnist_api.imaging.preprocessing import Limits, normalize_digit, preprocess
 from tests import reference_preprocessing

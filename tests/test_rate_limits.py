@@ -15,7 +15,7 @@ from mnist_api.app import create_app
 from mnist_api.config import ConfigError, Settings
 from mnist_api.http import rate_limits
 from mnist_api.http.rate_limits import KEY_PREFIX, RateLimiter, RedisCounter
-from mnist_api.http.rate_windows import Window, parse_windows
+from mnist_api.rate_windows import Window, parse_windows
 from tests.samples import as_paper, encode, sample
 from tests.test_errors import assert_contract_error
 from tools.redis_server import RedisServer

@@ -19,8 +19,8 @@ from flask.testing import FlaskClient
 from mnist_api.app import create_app
 from mnist_api.config import UPLOAD_OVERHEAD_BYTES, ConfigError, Settings
 from mnist_api.deployment.notify import CHANNEL
+from mnist_api.jobs.celery_app import celery_config
 from mnist_api.jobs.store import FileJobStore, local_results_folder
-from mnist_api.jobs.tasks import celery_config
 from tests.samples import as_paper, encode, sample
 from tests.test_errors import BAD_FILES, assert_contract_error
 from tests.worker_process import Worker

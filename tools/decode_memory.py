@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mnist_api.http.errors import ServiceError
+from mnist_api.errors import ServiceError
 from mnist_api.imaging.budget import DecodeBudget
 from mnist_api.imaging.native_memory import return_large_blocks_to_os
 from mnist_api.imaging.preprocessing import Limits, preprocess, warm_up_upload

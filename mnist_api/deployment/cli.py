@@ -30,7 +30,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from mnist_api.config import ConfigError, Settings
 from mnist_api.deployment.manager import DeploymentManager
-from mnist_api.http.errors import DeploymentStoreUnavailable, InvalidDeployment
+from mnist_api.errors import DeploymentStoreUnavailable, InvalidDeployment
 from mnist_api.inference.registry import ModelRegistry
 from mnist_api.storage import db
 

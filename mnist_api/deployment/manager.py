@@ -23,7 +23,7 @@ from mnist_api.config import Settings
 from mnist_api.deployment import value as rules
 from mnist_api.deployment.store import DeploymentStore, build_deployment_store
 from mnist_api.deployment.value import Deployment, GuardSettings
-from mnist_api.http.errors import DeploymentStoreUnavailable
+from mnist_api.errors import DeploymentStoreUnavailable
 
 # How often a change is re-applied when other changes keep winning the race.
 MAX_ATTEMPTS = 5

@@ -24,7 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from mnist_api.config import Settings
 from mnist_api.deployment.manager import DeploymentManager
-from mnist_api.http.errors import DeploymentStoreUnavailable, InvalidDeployment
+from mnist_api.errors import DeploymentStoreUnavailable, InvalidDeployment
 from mnist_api.inference.registry import CARD_FILE, ModelRegistry
 from mnist_api.storage import db
 from mnist_api.storage.db import build_engine
@@ -117,7 +117,7 @@ def stable_version(settings: Settings, registry: ModelRegistry) -> str:
     except DeploymentStoreUnavailable as error:
         raise StableUnknown(
             f"the deployment in force cannot be read from {db.describe(settings.database_url)} "
-            "(is it reachable and migrated? `python -m mnist_api.storage.db upgrade`); pass "
+            "(is it reachable and migrated? `python -m mnist_api.db upgrade`); pass "
             "--stable VERSION to gate against a version you choose"
         ) from error
     finally:

@@ -49,7 +49,7 @@ from mnist_api.deployment.manager import DeploymentManager
 from mnist_api.deployment.notify import ChangeNotifier
 from mnist_api.deployment.store import CountKey, Counts
 from mnist_api.deployment.value import GUARDED, Deployment, ab_position
-from mnist_api.http.errors import DeploymentStoreUnavailable
+from mnist_api.errors import DeploymentStoreUnavailable
 from mnist_api.inference.registry import short_version
 from mnist_api.inference.service import Route
 

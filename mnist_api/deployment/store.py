@@ -27,7 +27,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from mnist_api.deployment.value import Deployment
-from mnist_api.http.errors import DeploymentStoreUnavailable
+from mnist_api.errors import DeploymentStoreUnavailable
 from mnist_api.storage.db import build_engine
 from mnist_api.storage.tables import deployment_counts, deployment_history, deployment_state
 

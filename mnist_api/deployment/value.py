@@ -18,7 +18,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from mnist_api.http.errors import InvalidDeployment
+from mnist_api.errors import InvalidDeployment
 from mnist_api.inference.registry import short_version
 
 STRATEGIES = ("single", "shadow", "canary", "ab", "bandit")

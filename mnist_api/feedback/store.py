@@ -14,7 +14,7 @@ Retention (issue 22): a row costs about 2.3 KB in PostgreSQL (measured: 2,048 by
 heap, as a row's 1,568 bytes of pixels leave room for 4 rows a page, and 228 bytes of index),
 so the table is kept to `FEEDBACK_MAX_ROWS` rows and `FEEDBACK_RETENTION_DAYS` days, oldest
 first: each process prunes at most once a minute, after a new row, and
-`python -m mnist_api.storage.db prune` does it by hand. Stats are one GROUP BY in SQL and the
+`python -m mnist_api.db prune` does it by hand. Stats are one GROUP BY in SQL and the
 retrain streams the rows: neither holds the table in memory as Python objects.
 """
 
@@ -32,7 +32,7 @@ from sqlalchemy import Engine, and_, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from mnist_api.config import Settings
-from mnist_api.http.errors import FeedbackUnavailable
+from mnist_api.errors import FeedbackUnavailable
 from mnist_api.storage.db import build_engine
 from mnist_api.storage.tables import feedback
 

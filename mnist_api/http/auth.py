@@ -8,7 +8,7 @@ import hmac
 from apiflask import APIKeyHeaderAuth
 from flask import current_app, g
 
-from mnist_api.http.errors import Unauthorized
+from mnist_api.errors import Unauthorized
 
 API_KEY_HEADER = "x-api-key"
 

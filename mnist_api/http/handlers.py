@@ -6,7 +6,7 @@ from apiflask import APIFlask, HTTPError
 from flask import Response, g, jsonify
 from loguru import logger
 
-from mnist_api.http import errors
+from mnist_api import errors
 
 # Framework-raised HTTP errors (routing, body limits, bad multipart) mapped to contract codes.
 _BY_STATUS: dict[int, type[errors.ServiceError]] = {

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from mnist_api.http.errors import JsonTooDeep, JsonTooLarge
+from mnist_api.errors import JsonTooDeep, JsonTooLarge
 
 # Deeper than any body this service takes (a V2 infer body nests 7 levels): a client that
 # sends more is told so, never met with the parser's recursion limit.

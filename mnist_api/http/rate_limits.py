@@ -31,9 +31,9 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from mnist_api import redis_clients
 from mnist_api.breaker import Breaker
 from mnist_api.config import Settings
+from mnist_api.errors import RateLimited
 from mnist_api.http.auth import API_KEY_HEADER, valid_key_fingerprint
-from mnist_api.http.errors import RateLimited
-from mnist_api.http.rate_windows import Window, parse_windows
+from mnist_api.rate_windows import Window, parse_windows
 
 KEY_PREFIX = "mnist-rl"
 _WITH_LOOKUP = "_rate_limit_with_lookup"

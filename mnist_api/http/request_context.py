@@ -8,7 +8,7 @@ import time
 
 from flask import Flask, Response, g, request
 
-from mnist_api.http.logs import log_request, request_id_var
+from mnist_api.logs import log_request, request_id_var
 
 REQUEST_ID_HEADER = "X-Request-ID"
 MODEL_VERSION_HEADER = "X-Model-Version"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Request
 
-from mnist_api.http.errors import MissingFile, TooManyFiles, UnsupportedMediaType
+from mnist_api.errors import MissingFile, TooManyFiles, UnsupportedMediaType
 from mnist_api.imaging.preprocessing import ALLOWED_CONTENT_TYPES
 
 

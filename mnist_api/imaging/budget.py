@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from mnist_api.http.errors import ImageTooLarge, Overloaded
+from mnist_api.errors import ImageTooLarge, Overloaded
 
 MIB = 1024 * 1024
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from mnist_api.http.errors import ImageTooLarge, InvalidImage, UnsupportedMediaType
+from mnist_api.errors import ImageTooLarge, InvalidImage, UnsupportedMediaType
 
 # The kinds a client may send, decided from the bytes (Pillow's own sniffing), never the name.
 ALLOWED_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from mnist_api.http.errors import BlankImage
+from mnist_api.errors import BlankImage
 from mnist_api.imaging.budget import DecodeBudget
 from mnist_api.imaging.decoding import (
     MAX_WORK_PIXELS,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mnist_api.http.errors import InvalidPredictionId
+from mnist_api.errors import InvalidPredictionId
 
 FORMAT = "1"  # bumped if the fields change; an id of another format does not verify
 INPUT_DTYPE = np.dtype("<f2")  # the feedback store's encoding of the 28x28 input

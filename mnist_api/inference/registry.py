@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mnist_api.config import ConfigError
-from mnist_api.http.errors import BrowserModelNotFound, ModelNotFound
+from mnist_api.errors import BrowserModelNotFound, ModelNotFound
 from mnist_api.inference.model import MODEL_NAME, DigitModel
 
 TFLITE_FILE = "mnist_cnn_int8.tflite"

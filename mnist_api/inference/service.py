@@ -22,7 +22,7 @@ from PIL import Image
 
 from mnist_api import metrics
 from mnist_api.config import MIB, Settings
-from mnist_api.http.errors import NotReady, ServiceError
+from mnist_api.errors import NotReady, ServiceError
 from mnist_api.imaging import decoding as decoding_module
 from mnist_api.imaging import preprocessing as preprocessing_module
 from mnist_api.imaging.budget import DecodeBudget

@@ -28,18 +28,18 @@ from redis import RedisError
 from tqdm import tqdm
 
 from mnist_api.config import Settings
-from mnist_api.http.errors import (
+from mnist_api.errors import (
     BrokerUnavailable,
     DeadLettered,
     QueueFull,
     ServiceError,
 )
-from mnist_api.http.logs import configure_logging
 from mnist_api.inference.cache import build_cache
 from mnist_api.inference.service import PredictionService
 from mnist_api.jobs.bulk_inputs import Item, read_items
+from mnist_api.jobs.celery_app import PREDICT_UPLOADS, celery_config
 from mnist_api.jobs.store import build_job_store, cost
-from mnist_api.jobs.tasks import PREDICT_UPLOADS, celery_config
+from mnist_api.logs import configure_logging
 
 COLUMNS = ("file", "prediction", "probability", "error_code")
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from mnist_api.http.errors import PayloadTooLarge, ServiceError
+from mnist_api.errors import PayloadTooLarge, ServiceError
 
 # What reading a zip or one of its members can raise for a broken or hostile archive.
 _ARCHIVE_ERRORS = (

@@ -13,7 +13,7 @@ from kombu.exceptions import KombuError, OperationalError
 from loguru import logger
 from redis import RedisError
 
-from mnist_api.http.errors import (
+from mnist_api.errors import (
     BrokerUnavailable,
     DeadLettered,
     PayloadTooLarge,
@@ -21,8 +21,8 @@ from mnist_api.http.errors import (
     TaskNotFound,
 )
 from mnist_api.inference.service import PredictionService
+from mnist_api.jobs.celery_app import PREDICT_UPLOAD
 from mnist_api.jobs.store import JobStore
-from mnist_api.jobs.tasks import PREDICT_UPLOAD
 
 # What can go wrong while handing a message to the broker.
 _BROKER_ERRORS = (OperationalError, KombuError, RedisError, ConnectionError, OSError, TimeoutError)

@@ -30,7 +30,7 @@ import redis
 
 from mnist_api import redis_clients
 from mnist_api.config import UPLOAD_OVERHEAD_BYTES, Settings
-from mnist_api.http.errors import BrokerUnavailable, QueueFull
+from mnist_api.errors import BrokerUnavailable, QueueFull
 from mnist_api.inference.cache import LruTtlDict
 
 T = TypeVar("T")

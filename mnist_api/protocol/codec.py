@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from mnist_api.errors import InvalidInferenceRequest, JsonTooLarge, MissingFile, TooManyFiles
 from mnist_api.http import json_limits
-from mnist_api.http.errors import InvalidInferenceRequest, JsonTooLarge, MissingFile, TooManyFiles
 from mnist_api.imaging.budget import MIB, DecodeBudget
 
 MODEL_NAME = "mnist"

@@ -10,6 +10,7 @@ from apiflask import APIBlueprint
 from apiflask.schemas import FileSchema
 from flask import Response, g, request, send_file, url_for
 
+from mnist_api.errors import NotReady
 from mnist_api.extensions import (
     get_cache,
     get_jobs,
@@ -19,7 +20,6 @@ from mnist_api.extensions import (
 )
 from mnist_api.http import rate_limits, schemas, uploads
 from mnist_api.http.auth import api_key_auth
-from mnist_api.http.errors import NotReady
 from mnist_api.http.schemas import documents_query, documents_upload
 
 bp = APIBlueprint("api", __name__, tag="Predictions")

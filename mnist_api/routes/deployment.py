@@ -7,10 +7,10 @@ from typing import Any
 from apiflask import APIBlueprint
 from flask import request
 
+from mnist_api.errors import Forbidden, InvalidDeployment
 from mnist_api.extensions import get_deployments, get_router, get_settings
 from mnist_api.http import schemas
 from mnist_api.http.auth import API_KEY_HEADER, admin_identity, api_key_auth, key_matches
-from mnist_api.http.errors import Forbidden, InvalidDeployment
 
 bp = APIBlueprint("deployment", __name__, tag="Deployments")
 

@@ -10,11 +10,11 @@ from apiflask import APIBlueprint
 from flask import g, request
 
 from mnist_api import metrics
+from mnist_api.errors import InvalidLabel, InvalidPredictionId, PredictionMismatch
 from mnist_api.extensions import get_feedback_store, get_service
 from mnist_api.feedback.store import FeedbackEntry
 from mnist_api.http import schemas, uploads
 from mnist_api.http.auth import api_key_auth
-from mnist_api.http.errors import InvalidLabel, InvalidPredictionId, PredictionMismatch
 from mnist_api.http.schemas import documents_upload
 from mnist_api.inference.model import MODEL_NAME
 from mnist_api.inference.prediction_ids import input_digest

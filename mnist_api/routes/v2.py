@@ -14,9 +14,9 @@ import numpy as np
 from apiflask import APIBlueprint, APIFlask
 from flask import Response, current_app, g, request
 
+from mnist_api.errors import ModelNotFound, NotReady, ServiceError, UnsupportedMediaType
 from mnist_api.extensions import get_registry, get_service, get_settings
 from mnist_api.http.auth import api_key_auth
-from mnist_api.http.errors import ModelNotFound, NotReady, ServiceError, UnsupportedMediaType
 from mnist_api.inference.model import DigitModel
 from mnist_api.protocol import codec as protocol
 from mnist_api.protocol import schemas

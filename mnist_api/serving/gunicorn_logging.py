@@ -6,7 +6,7 @@ from typing import Any
 
 from gunicorn.glogging import Logger
 
-from mnist_api.http.logs import InterceptHandler
+from mnist_api.logs import InterceptHandler
 
 
 class LoguruGunicornLogger(Logger):

@@ -1,3 +1,3 @@
-"""The SQL database: engine and migration entry point (`python -m mnist_api.storage.db upgrade`),
+"""The SQL database: engine and migration entry point (`python -m mnist_api.db upgrade`),
 the table definitions and the Alembic migrations.
 """

@@ -5,24 +5,18 @@ nothing). Heroku Postgres' `postgres://` (and plain `postgresql://`) URLs are re
 SQLAlchemy's psycopg 3 driver. Every connection has short timeouts: a database that is down
 or locked makes /feedback answer 503 within seconds instead of holding a worker thread.
 
-    python -m mnist_api.storage.db upgrade     # apply the migrations (Procfile release phase)
-    python -m mnist_api.storage.db current     # print the applied revision
-    python -m mnist_api.storage.db prune       # apply the feedback retention now
-    python -m mnist_api.storage.db revision "add a column"   # a new migration, compared with
-                                       # mnist_api/storage/tables.py on an up-to-date database
 """
 
 from __future__ import annotations
 
 import contextlib
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
-from mnist_api.config import PROJECT_ROOT, Settings
+from mnist_api.config import PROJECT_ROOT
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -126,38 +120,3 @@ def current_revision(url: str, timeout: float = 10.0) -> str | None:
 def describe(url: str) -> str:
     """The URL without its password, for logs."""
     return make_url(normalize_url(url)).render_as_string(hide_password=True)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`upgrade` or `current` on DATABASE_URL (the embedded SQLite file when unset)."""
-    args = sys.argv[1:] if argv is None else argv
-    settings = Settings.from_env()
-    url = settings.database_url
-    if args == ["upgrade"]:
-        upgrade(url)
-        print(f"database {describe(url)} at revision {current_revision(url)}")
-        return 0
-    if args == ["current"]:
-        print(current_revision(url) or "empty (no migration applied)")
-        return 0
-    if args == ["prune"]:
-        from mnist_api.feedback.store import FeedbackStore, retention  # noqa: PLC0415 - a cycle
-
-        store = FeedbackStore.from_url(url, timeout=30.0, retention=retention(settings))
-        try:
-            print(f"feedback retention deleted {store.prune()} rows from {describe(url)}")
-        finally:
-            store.dispose()
-        return 0
-    if len(args) == 2 and args[0] == "revision":
-        _alembic_command().revision(alembic_config(url), message=args[1], autogenerate=True)
-        return 0
-    print(
-        'usage: python -m mnist_api.storage.db upgrade|current|prune|revision "message"',
-        file=sys.stderr,
-    )
-    return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
