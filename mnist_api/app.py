@@ -22,7 +22,7 @@ from mnist_api.http import handlers as error_handlers
 from mnist_api.imaging.native_memory import return_large_blocks_to_os
 from mnist_api.imaging.preprocessing import ALLOWED_CONTENT_TYPES
 from mnist_api.inference.cache import CacheHooks, build_cache
-from mnist_api.inference.model import MODEL_NAME
+from mnist_api.inference.model import full_version
 from mnist_api.inference.prediction_ids import PredictionIds
 from mnist_api.inference.registry import ModelRegistry
 from mnist_api.inference.service import PredictionService, limits_from
@@ -142,7 +142,7 @@ def create_app(settings: Settings | None = None, *, load_model: bool = True) -> 
             len(registry.versions()),
             ", ".join(registry.versions()),
         )
-    metrics.prepare_versions([f"{MODEL_NAME}-{version}" for version in registry.versions()])
+    metrics.prepare_versions([full_version(version) for version in registry.versions()])
     router.start()
     return app
 
@@ -163,7 +163,7 @@ def _deployment_router(
     app.extensions[extensions.DEPLOYMENTS] = manager
     router = DeploymentRouter(
         manager,
-        full_version=lambda version: f"{MODEL_NAME}-{version}",
+        full_version=full_version,
         refresh_seconds=settings.deployment_refresh_seconds,
         auto_promote=AutoPromote(
             settings.auto_promote,

@@ -16,6 +16,12 @@ _MAX_ID_LENGTH = 128
 _UNSAFE = re.compile(r"[^A-Za-z0-9._:-]")
 
 
+def client_identity() -> str:
+    """The fingerprint of the caller's key (set by `mnist_api.http.auth`), or "" without one:
+    what sticky deployments (A/B) hash, what prediction ids bind and feedback is stored under."""
+    return str(g.get("api_key_fingerprint") or "")
+
+
 def clean_request_id(raw: str | None) -> str:
     """The client's id made safe to echo and log (bounded, no control characters), or a new one."""
     cleaned = _UNSAFE.sub("", raw or "")[:_MAX_ID_LENGTH]

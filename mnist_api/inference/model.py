@@ -61,6 +61,11 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def full_version(version: str) -> str:
+    """The `model_version` of an answer for a 12-hex `version`: `mnist-cnn-int8-<version>`."""
+    return f"{MODEL_NAME}-{version}"
+
+
 @dataclass
 class DigitModel:
     """A LiteRT digit classifier read from a `.tflite` file and its model card."""
@@ -84,7 +89,7 @@ class DigitModel:
     @property
     def full_version(self) -> str:
         """The `model_version` string of every answer, e.g. `mnist-cnn-int8-3f2a9c1b7d4e`."""
-        return f"{MODEL_NAME}-{self.version}"
+        return full_version(self.version)
 
     @property
     def ready(self) -> bool:

@@ -26,6 +26,7 @@ from mnist_api.errors import NotReady, ServiceError
 from mnist_api.imaging import decoding as decoding_module
 from mnist_api.imaging import preprocessing as preprocessing_module
 from mnist_api.imaging.budget import DecodeBudget
+from mnist_api.imaging.digest import upload_sha256
 from mnist_api.imaging.preprocessing import Limits, preprocess, warm_up_upload
 from mnist_api.inference.cache import PredictionCache, RidesAlong, cache_key
 from mnist_api.inference.model import BATCH_BUCKETS, NUM_CLASSES, DigitModel
@@ -249,7 +250,7 @@ class PredictionService:
     def key_for(self, data: bytes, model: DigitModel | None = None) -> str:
         """The cache key of an upload: version, preprocessing and SHA-256 of the bytes."""
         model = model or self.model
-        return cache_key(model.full_version, hashlib.sha256(data).hexdigest(), self.preprocessing)
+        return cache_key(model.full_version, upload_sha256(data), self.preprocessing)
 
     def predict(
         self,

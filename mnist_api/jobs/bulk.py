@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import hashlib
 import sys
 import time
 import uuid
@@ -34,6 +33,7 @@ from mnist_api.errors import (
     QueueFull,
     ServiceError,
 )
+from mnist_api.imaging.digest import upload_sha256
 from mnist_api.inference.cache import build_cache
 from mnist_api.inference.service import PredictionService
 from mnist_api.jobs.bulk_inputs import Item, read_items
@@ -178,7 +178,7 @@ class WorkerScorer:
 
     def _submit(self, chunk: list[Item]) -> Submitted:
         readable = [item.data for item in chunk if item.data is not None]
-        hashes = [hashlib.sha256(data).hexdigest() for data in readable]
+        hashes = [upload_sha256(data) for data in readable]
         if not hashes:
             return Submitted(chunk, [])
         task_id = str(uuid.uuid4())

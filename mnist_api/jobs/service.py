@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +19,7 @@ from mnist_api.errors import (
     TaskFailed,
     TaskNotFound,
 )
+from mnist_api.imaging.digest import upload_sha256
 from mnist_api.inference.service import PredictionService
 from mnist_api.jobs.celery_app import PREDICT_UPLOAD
 from mnist_api.jobs.store import JobStore
@@ -72,7 +72,7 @@ class JobService:
             self._store_result(task_id, {"result": cached})
             return task_id
         self.service.validate(data)
-        sha256 = hashlib.sha256(data).hexdigest()
+        sha256 = upload_sha256(data)
         # Held for this task only: it releases the upload when it has run.
         self.store.hold_uploads({sha256: data}, holder=task_id)
         try:
