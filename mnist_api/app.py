@@ -17,7 +17,7 @@ from mnist_api.deployment.notify import ChangeNotifier
 from mnist_api.deployment.router import AutoPromote, DeploymentRouter
 from mnist_api.deployment.store import SqlDeploymentStore
 from mnist_api.feedback.store import FeedbackStore, retention
-from mnist_api.http import cors, json_limits, rate_limits, request_context, schemas
+from mnist_api.http import cors, http_metrics, json_limits, rate_limits, request_context, schemas
 from mnist_api.http import handlers as error_handlers
 from mnist_api.imaging.native_memory import return_large_blocks_to_os
 from mnist_api.imaging.preprocessing import ALLOWED_CONTENT_TYPES
@@ -114,7 +114,7 @@ def create_app(settings: Settings | None = None, *, load_model: bool = True) -> 
     error_handlers.init_app(app)
     # The keyed routes count against the same per-key limit.
     rate_limits.init_app(app, settings, limited=(api.bp, v2.bp, deployment_routes.bp, feedback.bp))
-    metrics.init_app(
+    http_metrics.init_app(
         app,
         multiprocess=bool(settings.prometheus_multiproc_dir),
         token=settings.metrics_token,

@@ -93,6 +93,14 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         server.kill()
 
 
+def worker_command() -> list[str]:
+    """The Procfile's worker line, with the test worker entry (tests/worker_entry.py: the
+    fault hooks TASK_DELAY_SECONDS and TASK_CRASH_ON_SHA256) in place of make_celery."""
+    shell, flag, command = procfile_command("worker")
+    assert " -A make_celery " in command
+    return [shell, flag, command.replace(" -A make_celery ", " -A tests.worker_entry ")]
+
+
 @pytest.fixture
 def start_worker(redis_server: RedisServer, tmp_path: Path) -> Iterator[Callable[..., Worker]]:
     """Start Procfile workers on the test's Redis; all are stopped at the end."""
@@ -112,7 +120,7 @@ def start_worker(redis_server: RedisServer, tmp_path: Path) -> Iterator[Callable
         environment = venv_env(**{**defaults, **env})
         with log_path.open("wb") as log:
             process = subprocess.Popen(
-                procfile_command("worker"),
+                worker_command(),
                 cwd=PROJECT_ROOT,
                 env=environment,
                 stdout=log,

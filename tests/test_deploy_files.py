@@ -17,6 +17,7 @@ There is no Docker engine here: the image is never built and the stack never sta
 from __future__ import annotations
 
 import ast
+import dataclasses
 import http.server
 import json
 import os
@@ -75,8 +76,6 @@ NOT_IN_APP_JSON = {
     "DATABASE_URL": "the heroku-postgresql add-on sets it",
     "MODELS_DIR": "the models ship in the slug at the default path",
     "PROMETHEUS_MULTIPROC_DIR": "gunicorn.conf.py sets it for its workers",
-    "TASK_DELAY_SECONDS": "tests and demos only",
-    "TASK_CRASH_ON_SHA256": "tests only: makes a worker process exit on one upload",
     "LOCAL_JOBS_DIR": "only without Redis; gunicorn.conf.py sets it (Heroku has Redis)",
 }
 COMPOSE_SERVICES = {"release", "web", "worker", "redis", "db", "prometheus", "grafana"}
@@ -138,12 +137,11 @@ def procfile_defaults() -> dict[str, str]:
 
 
 def config_variables() -> set[str]:
-    """Every environment variable `Settings.from_env` reads, from config.py's source.
-
-    `_text(env, "NAME", ...)`, `_int(env, "NAME", ...)`, `_list(env, "NAME")`, ... and
-    `env.get("NAME")`: any call whose arguments start with `env, "NAME"`, or `env.get("NAME")`.
+    """Every environment variable `Settings.from_env` reads: each field's declared variable,
+    plus any other read in config.py's source (a call whose arguments start with
+    `env, "NAME"`, or `env.get("NAME")`, e.g. API_KEY, read when API_KEYS is unset).
     """
-    names: set[str] = set()
+    names: set[str] = {item.metadata["env"] for item in dataclasses.fields(Settings)}
     for node in ast.walk(ast.parse(CONFIG_PY.read_text())):
         if not isinstance(node, ast.Call):
             continue

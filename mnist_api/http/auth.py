@@ -1,14 +1,22 @@
-"""API-key authentication: header `x-api-key`, keys from settings, constant-time comparison."""
+"""Every credential the service checks, in one place: API keys (header `x-api-key`, an
+APIFlask auth object), admin keys (an API key that is also in `ADMIN_API_KEYS`) and the
+metrics token (`Authorization: Bearer <METRICS_TOKEN>` on /metrics). Keys come from the
+settings and every comparison is constant-time."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from apiflask import APIKeyHeaderAuth
-from flask import current_app, g
+from flask import current_app, g, request
 
-from mnist_api.errors import Unauthorized
+from mnist_api.errors import Forbidden, Unauthorized
+
+View = TypeVar("View", bound=Callable[..., Any])
 
 API_KEY_HEADER = "x-api-key"
 
@@ -74,3 +82,37 @@ def _verify(token: str) -> str | None:
 @api_key_auth.error_handler
 def _unauthorized(status: int) -> None:
     raise Unauthorized()
+
+
+def admin_caller() -> str:
+    """Who the admin calling is (its name, or a keyed fingerprint: `admin_identity`);
+    `Forbidden` (403) for a valid key that is not an admin's.
+
+    Runs after `api_key_auth`, so a missing or wrong key has already been answered 401.
+    """
+    settings = current_app.extensions["mnist_settings"]
+    key = request.headers.get(API_KEY_HEADER, "")
+    if not settings.admin_api_keys:
+        raise Forbidden("No admin key is configured: set ADMIN_API_KEYS to change deployments.")
+    if not key_matches(key, settings.admin_api_keys):
+        raise Forbidden()
+    name: str = admin_identity(key, settings.admin_names, settings.secret_key)
+    return name
+
+
+def metrics_token_required(token: str) -> Callable[[View], View]:
+    """Protect a view (/metrics) with `Authorization: Bearer <token>`."""
+
+    def decorate(view: View) -> View:
+        @functools.wraps(view)
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                given.encode(), token.encode()
+            ):
+                raise Unauthorized("Send the metrics token as 'Authorization: Bearer <token>'.")
+            return view(*args, **kwargs)
+
+        return guarded  # type: ignore[return-value]
+
+    return decorate

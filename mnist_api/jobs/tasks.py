@@ -14,8 +14,6 @@ and when it has run, it releases its uploads. Without `REDIS_URL` tasks run in-p
 
 from __future__ import annotations
 
-import os
-import time
 from typing import Any
 
 from celery import Task, shared_task
@@ -46,21 +44,6 @@ def _count_delivery(task: Task) -> None:  # type: ignore[type-arg]
         store.dead_letter(task_id)
         logger.error("task dead-lettered: its worker process died on each of {} deliveries", cap)
         raise DeadLettered()
-
-
-def _crash_for_tests(task: Task, sha256s: list[str]) -> None:  # type: ignore[type-arg]
-    poison = get_settings().task_crash_on_sha256
-    if poison and poison in sha256s and not task.request.is_eager:
-        # TASK_CRASH_ON_SHA256 (tests only): the upload "kills" the worker process, as a
-        # decoder crash or the kernel's OOM killer would.
-        logger.warning("TASK_CRASH_ON_SHA256: this worker process exits now")
-        os._exit(70)
-
-
-def _pause_for_tests() -> None:
-    delay = get_settings().task_delay_seconds
-    if delay > 0:
-        time.sleep(delay)  # TASK_DELAY_SECONDS: lets a test catch a task while it runs
 
 
 def _outcomes(
@@ -130,8 +113,6 @@ def predict_upload(
     for the key `client` (routed: the deployment chose it)."""
     with logger.contextualize(request_id=request_id, task_id=self.request.id):
         _count_delivery(self)
-        _pause_for_tests()
-        _crash_for_tests(self, [sha256])
         outcome = _outcomes([sha256], version, client=client, routed=routed, deployment=deployment)[
             0
         ]
@@ -147,6 +128,4 @@ def predict_uploads(
     """Predict a chunk of stored uploads in one model call (bulk scoring)."""
     with logger.contextualize(task_id=self.request.id):
         _count_delivery(self)
-        _pause_for_tests()
-        _crash_for_tests(self, sha256s)
         return _outcomes(sha256s)
