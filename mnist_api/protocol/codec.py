@@ -22,56 +22,74 @@ Python float object each, so a full 1,024-image FP32 batch in JSON fits the defa
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
-import struct
-import sys
 from array import array
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from mnist_api.errors import InvalidInferenceRequest, JsonTooLarge, MissingFile, TooManyFiles
+from mnist_api.errors import JsonTooLarge, MissingFile
 from mnist_api.http import json_limits
-from mnist_api.imaging.budget import MIB, DecodeBudget
+from mnist_api.imaging.budget import MIB
 
-MODEL_NAME = "mnist"
-HEADER_LENGTH = "Inference-Header-Content-Length"
-IMAGE_INPUT = "image"
-PIXELS_INPUT = "pixels"
-PROBABILITIES = "probabilities"
-DIGIT = "digit"
-OUTPUTS = (PROBABILITIES, DIGIT)
-NUM_CLASSES = 10
-SIDE = 28
-# Every datatype the protocol defines: a known one that this model does not take gets
-# "takes UINT8 or FP32", an unknown one "unknown datatype".
-DATATYPES = frozenset(
-    {
-        "BOOL",
-        "UINT8",
-        "UINT16",
-        "UINT32",
-        "UINT64",
-        "INT8",
-        "INT16",
-        "INT32",
-        "INT64",
-        "FP16",
-        "FP32",
-        "FP64",
-        "BF16",
-        "BYTES",
-    }
+# The codec's whole surface, in one import: the pieces live in types.py (names and limits),
+# tensors.py (an input tensor's content) and response.py (the response body).
+from mnist_api.protocol.response import build_response, classify
+from mnist_api.protocol.tensors import (
+    base64_elements,
+    binary_pixels,
+    bytes_elements,
+    checked_pixels,
+    describe_input,
+    image_batch,
+    json_pixels,
+    pixels_batch,
+    tensor_content,
 )
-PIXEL_DTYPES: dict[str, np.dtype[Any]] = {"UINT8": np.dtype("<u1"), "FP32": np.dtype("<f4")}
-_LENGTH = struct.Struct("<I")  # a BYTES element's length prefix: 4 bytes, little-endian
+from mnist_api.protocol.types import (
+    DATATYPES,
+    DIGIT,
+    HEADER_LENGTH,
+    IMAGE_INPUT,
+    MODEL_NAME,
+    NUM_CLASSES,
+    OUTPUTS,
+    PIXEL_DTYPES,
+    PIXELS_INPUT,
+    PROBABILITIES,
+    SIDE,
+    InferenceRequest,
+    Limits,
+    RequestedOutput,
+    count_param,
+    flag_param,
+    invalid,
+    parameters_object,
+)
+
+__all__ = [
+    "DATATYPES",
+    "DIGIT",
+    "HEADER_LENGTH",
+    "IMAGE_INPUT",
+    "MODEL_NAME",
+    "NUM_CLASSES",
+    "OUTPUTS",
+    "PIXELS_INPUT",
+    "PIXEL_DTYPES",
+    "PROBABILITIES",
+    "SIDE",
+    "InferenceRequest",
+    "Limits",
+    "RequestedOutput",
+    "build_response",
+    "classify",
+    "invalid",
+    "parse_cost",
+    "parse_request",
+    "split_body",
+]
+
 _DIGITS_MAX = 20  # a header length longer than this is no body this service accepts
-# Values a body may hold besides its tensor data (ids, names, shapes, parameters, outputs).
-_SPARE_VALUES = 1024
 # Whole numbers outside Python's cached small ints (-5..256) each cost an object; a request
 # needs a handful (shape, sizes, classification), pixel data none.
 _MAX_LARGE_INTS = 1024
@@ -98,62 +116,6 @@ _CHECK_BYTES = 17
 # Per byte of binary tensor data: its copies as BYTES elements, or as float32 pixels (4
 # bytes for each UINT8 byte) and the checks' temporaries.
 _TAIL_BYTES = 9
-
-
-@dataclass(frozen=True)
-class Limits:
-    """The batch caps: `image` elements (BATCH_MAX_FILES) and `pixels` images, and the
-    worker's decode budget that parsing a body reserves its cost from (None: unbounded)."""
-
-    max_images: int
-    max_pixels_batch: int
-    budget: DecodeBudget | None = None
-
-    @property
-    def max_values(self) -> int:
-        """The most JSON values a body may hold: a full `pixels` batch nested as [N,28,28,1]
-        (each pixel and each row is a value), or a full `image` batch, and the rest."""
-        per_image = 2 * SIDE * SIDE + SIDE + 1
-        return self.max_pixels_batch * per_image + self.max_images + _SPARE_VALUES
-
-    @property
-    def capacity(self) -> int:
-        """The most bytes parsing one body may hold."""
-        return self.budget.capacity if self.budget is not None else sys.maxsize
-
-    def reserve(self, cost: int) -> AbstractContextManager[None]:
-        """Hold `cost` bytes of the budget while a body is parsed."""
-        return self.budget.reserve(cost) if self.budget is not None else nullcontext()
-
-
-@dataclass(frozen=True)
-class RequestedOutput:
-    """One output the client wants, and how: binary or JSON, classified or raw."""
-
-    name: str
-    binary: bool
-    classification: int = 0
-
-
-@dataclass(frozen=True)
-class InferenceRequest:
-    """A checked infer request: exactly one of `images` (encoded files) or `pixels`."""
-
-    id: str | None
-    outputs: tuple[RequestedOutput, ...]
-    images: tuple[bytes, ...] = ()
-    # (N, 28, 28) float32 in [0, 1], light ink on black: what the model takes as is.
-    pixels: np.ndarray | None = None
-
-    @property
-    def batch_size(self) -> int:
-        """N: how many images the request carries."""
-        return len(self.pixels) if self.pixels is not None else len(self.images)
-
-
-def invalid(sentence: str) -> InvalidInferenceRequest:
-    """The 400 `invalid_inference_request` error with a sentence a client can act on."""
-    return InvalidInferenceRequest(sentence)
 
 
 # --- request ---
@@ -213,7 +175,7 @@ def _parse(header: bytes, binary: memoryview, limits: Limits) -> InferenceReques
     request_id = document.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise invalid("'id' must be a string.")
-    parameters = _parameters(document.get("parameters"), "the request's 'parameters'")
+    parameters = parameters_object(document.get("parameters"), "the request's 'parameters'")
     inputs = document.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise invalid(
@@ -227,28 +189,28 @@ def _parse(header: bytes, binary: memoryview, limits: Limits) -> InferenceReques
     tensor = inputs[0]
     if not isinstance(tensor, dict):
         raise invalid("Each input must be a JSON object with 'name', 'shape' and 'datatype'.")
-    name, datatype, shape = _describe_input(tensor)
+    name, datatype, shape = describe_input(tensor)
     # The batch is checked against its cap before any data is looked at.
     if name == IMAGE_INPUT:
-        count = _image_batch(datatype, shape, limits)
-        data, raw = _tensor_content(tensor, name, binary)
-        images = _bytes_elements(raw, count) if raw is not None else _base64_elements(data, count)
+        count = image_batch(datatype, shape, limits)
+        data, raw = tensor_content(tensor, name, binary)
+        images = bytes_elements(raw, count) if raw is not None else base64_elements(data, count)
         for index, image in enumerate(images):
             if not image:
                 raise MissingFile(f"Element {index} of input 'image' is empty.")
         return InferenceRequest(request_id, outputs, images=tuple(images))
-    count = _pixels_batch(datatype, shape, limits)
-    data, raw = _tensor_content(tensor, name, binary)
+    count = pixels_batch(datatype, shape, limits)
+    data, raw = tensor_content(tensor, name, binary)
     dtype = PIXEL_DTYPES[datatype]
     if raw is not None:
-        values = _binary_pixels(raw, count, dtype)
+        values = binary_pixels(raw, count, dtype)
     else:
-        values = _json_pixels(data, count)
+        values = json_pixels(data, count)
         if values.dtype.kind == "f":
             numbers.fill(values, _floats_before(document, data))
     # Only the array is needed from here: the parsed tree and the float literals go first.
     del document, inputs, tensor, data, numbers
-    return InferenceRequest(request_id, outputs, pixels=_checked_pixels(values, datatype, count))
+    return InferenceRequest(request_id, outputs, pixels=checked_pixels(values, datatype, count))
 
 
 def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
@@ -356,35 +318,10 @@ def _load_json(header: bytes, numbers: _Numbers) -> dict[str, Any]:
     return document
 
 
-def _parameters(value: object, where: str) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise invalid(f"{where} must be a JSON object.")
-    return value
-
-
-def _flag(parameters: dict[str, Any], key: str, default: bool) -> bool:
-    value = parameters.get(key, default)
-    if not isinstance(value, bool):
-        raise invalid(f"The parameter '{key}' must be true or false.")
-    return value
-
-
-def _count(parameters: dict[str, Any], key: str, where: str) -> int | None:
-    """A whole-number parameter (not a boolean, which JSON would let pass as 0 or 1)."""
-    value = parameters.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise invalid(f"'{key}' of {where} must be a whole number of at least 0.")
-    return value
-
-
 def _requested_outputs(value: object, parameters: dict[str, Any]) -> tuple[RequestedOutput, ...]:
     """The outputs to return: the named ones in order, or both with the request's settings."""
-    binary_default = _flag(parameters, "binary_data_output", False)
-    classify_default = _count(parameters, "classification", "the request's parameters") or 0
+    binary_default = flag_param(parameters, "binary_data_output", False)
+    classify_default = count_param(parameters, "classification", "the request's parameters") or 0
     if value is None or value == []:
         return (
             RequestedOutput(PROBABILITIES, binary_default, min(classify_default, NUM_CLASSES)),
@@ -401,256 +338,15 @@ def _requested_outputs(value: object, parameters: dict[str, Any]) -> tuple[Reque
             raise invalid(f"Unknown output {name!r}: this model has 'probabilities' and 'digit'.")
         if any(output.name == name for output in outputs):
             raise invalid(f"The output {name!r} is requested twice.")
-        output_parameters = _parameters(item.get("parameters"), f"output {name!r}'s parameters")
-        classification = _count(output_parameters, "classification", f"output {name!r}")
+        output_parameters = parameters_object(
+            item.get("parameters"), f"output {name!r}'s parameters"
+        )
+        classification = count_param(output_parameters, "classification", f"output {name!r}")
         if classification and name != PROBABILITIES:
             raise invalid("The classification extension works on 'probabilities' only.")
         if classification is None:
             classification = classify_default if name == PROBABILITIES else 0
-        binary = _flag(output_parameters, "binary_data", binary_default)
+        binary = flag_param(output_parameters, "binary_data", binary_default)
         # Asking for more classes than there are returns them all, best first.
         outputs.append(RequestedOutput(name, binary, min(classification, NUM_CLASSES)))
     return tuple(outputs)
-
-
-def _describe_input(tensor: dict[str, Any]) -> tuple[str, str, list[int]]:
-    name, datatype, shape = tensor.get("name"), tensor.get("datatype"), tensor.get("shape")
-    if name not in (IMAGE_INPUT, PIXELS_INPUT):
-        raise invalid(
-            f"Unknown input {name!r}: send 'image' (BYTES, encoded image files) or "
-            "'pixels' (UINT8 0..255 or FP32 0..1, shape [N,28,28])."
-        )
-    if not isinstance(datatype, str) or datatype not in DATATYPES:
-        raise invalid(f"Unknown datatype {datatype!r} for input {name!r}.")
-    if (
-        not isinstance(shape, list)
-        or not shape
-        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
-    ):
-        raise invalid(f"The shape of input {name!r} must be a list of whole numbers >= 0.")
-    return name, datatype, shape
-
-
-def _tensor_content(
-    tensor: dict[str, Any], name: str, binary: memoryview
-) -> tuple[object, memoryview | None]:
-    """The input's JSON `data`, or its slice of the binary tail (which it must fill exactly)."""
-    parameters = _parameters(tensor.get("parameters"), f"input {name!r}'s parameters")
-    size = _count(parameters, "binary_data_size", f"input {name!r}")
-    if size is None:
-        if binary:
-            raise invalid(
-                f"The body has {len(binary)} bytes after the JSON, but input {name!r} has no "
-                "'binary_data_size' parameter."
-            )
-        if "data" not in tensor:
-            raise invalid(f"Input {name!r} has neither 'data' nor a 'binary_data_size'.")
-        return tensor["data"], None
-    if "data" in tensor:
-        raise invalid(f"Input {name!r} has both 'data' and a 'binary_data_size'; send one.")
-    if size != len(binary):
-        raise invalid(
-            f"Input {name!r} says binary_data_size {size}, but {len(binary)} bytes follow the JSON."
-        )
-    return None, binary
-
-
-def _image_batch(datatype: str, shape: list[int], limits: Limits) -> int:
-    if datatype != "BYTES":
-        raise invalid(f"Input 'image' is BYTES (encoded image files), not {datatype}.")
-    if len(shape) != 1:
-        raise invalid(f"Input 'image' has shape [N], one element per image, not {shape}.")
-    return _batch(shape[0], limits.max_images, "image")
-
-
-def _pixels_batch(datatype: str, shape: list[int], limits: Limits) -> int:
-    if datatype not in PIXEL_DTYPES:
-        raise invalid(f"Input 'pixels' is UINT8 (0..255) or FP32 (0..1), not {datatype}.")
-    if shape[1:] not in ([SIDE, SIDE], [SIDE, SIDE, 1]):
-        raise invalid(f"Input 'pixels' has shape [N,28,28] or [N,28,28,1], not {shape}.")
-    return _batch(shape[0], limits.max_pixels_batch, "pixels")
-
-
-def _batch(count: int, cap: int, name: str) -> int:
-    if count == 0:
-        raise invalid(f"Input {name!r} has a batch of 0: send at least one image.")
-    if count > cap:
-        raise TooManyFiles(f"Input {name!r} takes at most {cap} images; this one has {count}.")
-    return count
-
-
-def _bytes_elements(raw: memoryview, count: int) -> list[bytes]:
-    """BYTES binary data: `count` elements, each a 4-byte little-endian length + its bytes."""
-    elements: list[bytes] = []
-    offset = 0
-    while offset < len(raw):
-        if len(raw) - offset < _LENGTH.size:
-            raise invalid("The binary data of input 'image' ends inside an element's length.")
-        (length,) = _LENGTH.unpack_from(raw, offset)
-        offset += _LENGTH.size
-        if length > len(raw) - offset:
-            raise invalid(
-                f"Element {len(elements)} of input 'image' says {length} bytes, but only "
-                f"{len(raw) - offset} are left."
-            )
-        if len(elements) == count:
-            break  # more elements than the shape says: reported below
-        elements.append(bytes(raw[offset : offset + length]))
-        offset += length
-    if len(elements) != count or offset != len(raw):
-        raise invalid(
-            f"The binary data of input 'image' does not hold exactly {count} elements, as its "
-            "shape says."
-        )
-    return elements
-
-
-def _base64_elements(data: object, count: int) -> list[bytes]:
-    """BYTES JSON data: a list of `count` base64 strings, one encoded image file each."""
-    if not isinstance(data, list) or not all(isinstance(item, str) for item in data):
-        raise invalid("The data of input 'image' must be a list of base64 strings.")
-    if len(data) != count:
-        raise invalid(f"Input 'image' has shape [{count}] but {len(data)} elements of data.")
-    elements = []
-    for index, item in enumerate(data):
-        try:
-            elements.append(base64.b64decode(item, validate=True))
-        except (binascii.Error, ValueError) as error:
-            raise invalid(f"Element {index} of input 'image' is not valid base64.") from error
-    return elements
-
-
-def _binary_pixels(raw: memoryview, count: int, dtype: np.dtype[Any]) -> np.ndarray:
-    expected = count * SIDE * SIDE * dtype.itemsize
-    if len(raw) != expected:
-        raise invalid(
-            f"Input 'pixels' of {count} images needs {expected} bytes of binary data, "
-            f"not {len(raw)}."
-        )
-    return np.frombuffer(raw, dtype=dtype)
-
-
-def _json_pixels(data: object, count: int) -> np.ndarray:
-    """JSON data, flat or nested as the shape, as a NumPy array (any numeric kind for now)."""
-    expected = count * SIDE * SIDE
-    if not isinstance(data, list):
-        raise invalid("The data of input 'pixels' must be a list of numbers.")
-    if data and not isinstance(data[0], list) and len(data) != expected:
-        raise invalid(f"Input 'pixels' of {count} images needs {expected} values, not {len(data)}.")
-    try:
-        values = np.asarray(data)
-    except (ValueError, TypeError, OverflowError) as error:  # ragged, or numbers out of range
-        raise invalid("The data of input 'pixels' must be a regular array of numbers.") from error
-    if values.size != expected:
-        raise invalid(
-            f"Input 'pixels' of {count} images needs {expected} values, not {values.size}."
-        )
-    return values.reshape(-1)
-
-
-def _checked_pixels(values: np.ndarray, datatype: str, count: int) -> np.ndarray:
-    """Values of the declared type and range, as the model's (N, 28, 28) float32 in [0, 1]."""
-    if datatype == "UINT8":
-        if values.dtype.kind not in "iu":
-            raise invalid("UINT8 pixels must be whole numbers from 0 to 255.")
-        if values.dtype != np.uint8 and (values.min() < 0 or values.max() > 255):
-            raise invalid("UINT8 pixels must be whole numbers from 0 to 255.")
-        scaled = values.astype(np.float32) / np.float32(255.0)
-    else:
-        if values.dtype.kind not in "iuf":
-            raise invalid("FP32 pixels must be numbers from 0 to 1.")
-        if not bool(np.isfinite(values).all()):
-            raise invalid("FP32 pixels must be finite numbers from 0 to 1 (no NaN or inf).")
-        # Checked before the cast: 1e300 would become inf (and a warning) as float32.
-        if float(values.min()) < 0.0 or float(values.max()) > 1.0:
-            raise invalid("FP32 pixels must be numbers from 0 to 1 (light ink on black).")
-        scaled = values.astype(np.float32)
-    return scaled.reshape(count, SIDE, SIDE)
-
-
-# --- response ---
-
-
-def build_response(
-    request: InferenceRequest,
-    probabilities: np.ndarray,
-    digits: np.ndarray,
-    *,
-    model_version: str,
-    model_name: str = MODEL_NAME,
-    prediction_ids: list[str] | None = None,
-) -> tuple[bytes, dict[str, str]]:
-    """The V2 response body and its headers for (N, 10) `probabilities` and (N,) `digits`.
-
-    Probabilities are rounded to 6 decimals like every answer of the service; the digits
-    are given, not recomputed, so a tie after rounding cannot change an answer. Outputs come
-    in the order requested; binary ones follow the JSON, in the same order, and the
-    `Inference-Header-Content-Length` header gives the JSON's length. `prediction_ids`
-    (one per image, what /feedback takes) go in the response parameter `prediction_ids`.
-    """
-    rounded = np.round(np.asarray(probabilities, dtype=np.float64), 6)
-    outputs: list[dict[str, Any]] = []
-    tail: list[bytes] = []
-    for requested in request.outputs:
-        output, data = _output_tensor(requested, rounded, digits)
-        if requested.binary:
-            payload = _binary(output["datatype"], data)
-            output["parameters"] = {"binary_data_size": len(payload)}
-            tail.append(payload)
-        else:
-            output["data"] = _json_data(output["datatype"], data)
-        outputs.append(output)
-    document: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
-    if request.id is not None:
-        document["id"] = request.id
-    if prediction_ids:
-        document["parameters"] = {"prediction_ids": prediction_ids}
-    document["outputs"] = outputs
-    header = json.dumps(document, separators=(",", ":"), allow_nan=False).encode()
-    if not tail:
-        return header, {"Content-Type": "application/json"}
-    return header + b"".join(tail), {
-        "Content-Type": "application/octet-stream",
-        HEADER_LENGTH: str(len(header)),
-    }
-
-
-def _output_tensor(
-    requested: RequestedOutput, probabilities: np.ndarray, digits: np.ndarray
-) -> tuple[dict[str, Any], np.ndarray]:
-    count = len(probabilities)
-    if requested.name == DIGIT:
-        return {"name": DIGIT, "datatype": "INT64", "shape": [count]}, np.asarray(digits)
-    if requested.classification:
-        labels = classify(probabilities, requested.classification)
-        shape = [count, requested.classification]
-        return {"name": PROBABILITIES, "datatype": "BYTES", "shape": shape}, labels
-    shape = [count, NUM_CLASSES]
-    return {"name": PROBABILITIES, "datatype": "FP32", "shape": shape}, probabilities
-
-
-def classify(probabilities: np.ndarray, k: int) -> np.ndarray:
-    """The classification extension: (N, k) strings "<score>:<index>", best first."""
-    # A stable sort keeps equal scores in index order, so answers are reproducible.
-    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
-    rows = [
-        [f"{row[i]:.6f}:{i}" for i in best] for row, best in zip(probabilities, order, strict=True)
-    ]
-    return np.array(rows, dtype=object).reshape(len(probabilities), k)
-
-
-def _json_data(datatype: str, data: np.ndarray) -> list[Any]:
-    # FP32 data comes from the rounded float64 answer, so JSON shows 0.998123, not
-    # float32's 0.9981229901...; binary data carries the float32 values.
-    values: list[Any] = data.reshape(-1).tolist()
-    return values
-
-
-def _binary(datatype: str, data: np.ndarray) -> bytes:
-    if datatype == "BYTES":
-        return b"".join(
-            _LENGTH.pack(len(encoded)) + encoded
-            for encoded in (str(item).encode() for item in data.reshape(-1))
-        )
-    dtype = np.dtype("<f4") if datatype == "FP32" else np.dtype("<i8")
-    return np.ascontiguousarray(data, dtype=dtype).tobytes()
