@@ -54,7 +54,7 @@ test: system-deps lint check-vendor
 
 ## soak: the load and fault tests in full (a 2-minute soak at concurrency 32, large uploads, V2 bodies and slow clients mixed in); prints peak RSS per worker and Redis memory
 soak: system-deps $(VENV)/.dev-installed
-	$(BIN)/python -m pytest tests/test_load.py --soak-seconds 120 -s -p no:cacheprovider
+	$(BIN)/python -m pytest tests/e2e/test_load.py --soak-seconds 120 -s -p no:cacheprovider
 
 ## bench: benchmark the service as deployed; writes docs/benchmark.md and docs/benchmark.png
 BENCH_SECONDS ?= 8

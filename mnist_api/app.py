@@ -11,10 +11,11 @@ from sqlalchemy import Engine
 
 from mnist_api import extensions, metrics
 from mnist_api.config import PROJECT_ROOT, Settings
+from mnist_api.deployment.counts import AutoPromote
 from mnist_api.deployment.evidence import EvidenceRules
 from mnist_api.deployment.manager import DeploymentManager, guard_defaults
 from mnist_api.deployment.notify import ChangeNotifier
-from mnist_api.deployment.router import AutoPromote, DeploymentRouter
+from mnist_api.deployment.router import DeploymentRouter
 from mnist_api.deployment.store import SqlDeploymentStore
 from mnist_api.feedback.store import FeedbackStore, retention
 from mnist_api.http import cors, http_metrics, json_limits, rate_limits, request_context, schemas

@@ -5,7 +5,7 @@
 // scale its longer side to 20 px with Pillow's own Lanczos filter (fixed-point, as Pillow
 // computes it), normalise by the peak and move the centre of mass to the centre of 28x28.
 // float32 steps are rounded with Math.fround where NumPy works in float32, and Python's
-// round() (half to even) is used where the server uses it. tests/test_page_device.py holds
+// round() (half to even) is used where the server uses it. tests/e2e/test_page_device.py holds
 // the two implementations together on 600 drawings and uploads.
 "use strict";
 

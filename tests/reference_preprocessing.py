@@ -1,6 +1,6 @@
 """A frozen copy of `mnist_api.imaging.preprocessing` before its 8-bit fast path (commit b38f555).
 
-`tests/test_preprocessing.py` checks that the service's `preprocess` and `normalize_digit`
+`tests/imaging/test_preprocessing.py` checks that the service's `preprocess` and `normalize_digit`
 still return exactly (bit for bit) what this straightforward version returns: the fast path
 must be a pure speed-up. Do not edit it to follow later changes of the algorithm; replace
 it on purpose if the output is meant to change.

@@ -2,7 +2,7 @@
 
 `python -m tools.decode_memory` prints, per kind of file, the bytes the decode budget
 reserves for it (`mnist_api.imaging.decoding.decode_cost`) and the peak resident memory the decode
-really added, so the estimate can be checked against reality (tests/test_decoding.py does).
+really added, so the estimate can be checked against reality (tests/imaging/test_decoding.py does).
 Each peak is that image's alone: the kernel's peak counter (`VmHWM`) is reset before every
 image through /proc/self/clear_refs, and large blocks go back to the system when freed as
 they do in a worker (`mnist_api.imaging.native_memory`). Linux only.

@@ -38,6 +38,7 @@ from collections.abc import Callable, Sequence
 from loguru import logger
 
 from mnist_api import metrics
+from mnist_api.deployment.counts import KEY_SEPARATOR, AutoPromote, per_key
 from mnist_api.deployment.evidence import EvidenceRules
 from mnist_api.deployment.guard import (
     VersionStats,
@@ -51,7 +52,7 @@ from mnist_api.deployment.store import CountKey, Counts
 from mnist_api.deployment.value import GUARDED, Deployment, ab_position
 from mnist_api.errors import DeploymentStoreUnavailable
 from mnist_api.inference.registry import short_version
-from mnist_api.inference.service import Route
+from mnist_api.inference.routing import Route
 
 # Counters kept while the store is down are capped per key; beyond that they are dropped
 # (they only feed statistics, never an answer).
@@ -60,28 +61,6 @@ _MAX_PENDING = 10_000_000
 # 3 MB at most per worker); forgotten all at once beyond this many (a repeat after that
 # counts again, still capped with its key's share).
 _MAX_SEEN = 50_000
-KEY_SEPARATOR = "/"  # `<version>/<key fingerprint>` in the store's per-version counts
-
-
-def per_key(counts: Counts) -> dict[str, dict[str, dict[str, int]]]:
-    """`version -> key -> field -> count` from the store's `<version>/<key>` entries (counts
-    stored before keys were tracked count as one key, "")."""
-    result: dict[str, dict[str, dict[str, int]]] = {}
-    for name, fields in counts.items():
-        version, _, client = name.partition(KEY_SEPARATOR)
-        target = result.setdefault(version, {}).setdefault(client, {})
-        for field, count in fields.items():
-            target[field] = target.get(field, 0) + count
-    return result
-
-
-@dataclasses.dataclass(frozen=True)
-class AutoPromote:
-    """AUTO_PROMOTE settings: off by default."""
-
-    enabled: bool = False
-    min_feedback: int = 200
-    probability: float = 0.95
 
 
 class DeploymentRouter:

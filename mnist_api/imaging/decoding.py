@@ -38,7 +38,7 @@ MAX_DRAFT_SCALE = 8
 # Conversions before a box reduction run on bands of about this many pixels.
 BAND_PIXELS = 1 << 18
 
-# What the decode path holds, in bytes, measured (tests/test_decoding.py checks that the
+# What the decode path holds, in bytes, measured (tests/imaging/test_decoding.py checks that the
 # estimate stays above the peak really measured for every kind of file):
 # - per pixel of the reduced working image: the image, its greyscale, the float32 ink and
 #   the cropped digit; with transparency (or 16 bits) also its RGBA, white-composited and

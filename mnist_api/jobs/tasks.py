@@ -23,7 +23,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from mnist_api.errors import BrokerUnavailable, DeadLettered, ServiceError
 from mnist_api.extensions import get_job_store, get_service, get_settings
-from mnist_api.inference.service import Route
+from mnist_api.inference.routing import Route
 from mnist_api.jobs.celery_app import PREDICT_UPLOAD, PREDICT_UPLOADS, Outcome
 
 

@@ -99,7 +99,7 @@ _LARGE_INT_BYTES = 48  # the int object, its slot, and its copy in NumPy's array
 # to one compact float32 array, in document order.
 _FLOAT = float("nan")
 
-# What parsing holds, in bytes (tests/test_inference_protocol.py checks the estimate covers
+# What parsing holds, in bytes (tests/protocol/test_inference_protocol.py checks the estimate covers
 # the peak tracemalloc measures): per value, a list or dict slot with its over-allocation;
 # per container, a list or dict object; per object member, its key and hash-table slot; per
 # string, a str object; per float literal, its slot in the compact array; per value again,

@@ -14,7 +14,7 @@ import requests
 
 from mnist_api.config import PROJECT_ROOT
 from mnist_api.inference.registry import ModelRegistry
-from tests.test_metrics import total
+from tests.http.test_metrics import total
 from tools.bench import V2_INFER, Scenario, digit_png, v2_image_body, wrk
 from tools.services import start_web, stop, venv_env
 

@@ -28,7 +28,7 @@ from mnist_api.feedback.store import FeedbackStore, decode_input
 from mnist_api.http.auth import key_fingerprint
 from mnist_api.imaging.preprocessing import preprocess
 from mnist_api.inference.prediction_ids import input_digest
-from mnist_api.inference.service import SingleRouter
+from mnist_api.inference.routing import SingleRouter
 from mnist_api.storage import db
 from mnist_api.storage.tables import feedback, metadata
 from tests.samples import as_paper, encode, sample

@@ -16,8 +16,8 @@ from mnist_api.app import create_app
 from mnist_api.config import Settings
 from mnist_api.extensions import SERVICE
 from mnist_api.inference.model import DigitModel
+from tests.http.test_errors import truncated_png
 from tests.samples import as_paper, encode, sample
-from tests.test_errors import truncated_png
 
 EXTERNAL_ASSET = re.compile(r"""(src|href)\s*=\s*["']?(https?:)?//""", re.IGNORECASE)
 

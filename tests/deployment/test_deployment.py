@@ -1,9 +1,9 @@
 """Deployments in one process: the rules, the routes, the choice per request, the guard,
 the bandit, auto-promotion, the store's compare-and-set in a real SQLite database (and on a
-real PostgreSQL server in tests/test_deployment_durable.py), and the CLI.
+real PostgreSQL server in tests/deployment/test_deployment_durable.py), and the CLI.
 
 The candidate is a real `.tflite` trained on shuffled labels (the `two_versions` fixture);
-gunicorn with two workers is in tests/test_deployment_live.py.
+gunicorn with two workers is in tests/deployment/test_deployment_live.py.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from flask.testing import FlaskClient
 
 from mnist_api import create_app, metrics
 from mnist_api.config import PROJECT_ROOT, ConfigError, Settings
+from mnist_api.deployment.counts import AutoPromote, per_key
 from mnist_api.deployment.guard import (
     VersionStats,
     guard_verdict,
@@ -33,7 +34,7 @@ from mnist_api.deployment.guard import (
     worse_beyond_margin,
 )
 from mnist_api.deployment.manager import DeploymentManager
-from mnist_api.deployment.router import AutoPromote, DeploymentRouter, per_key
+from mnist_api.deployment.router import DeploymentRouter
 from mnist_api.deployment.store import MemoryDeploymentStore, SqlDeploymentStore
 from mnist_api.deployment.value import Deployment, GuardSettings, ab_position
 from mnist_api.errors import DeploymentStoreUnavailable, InvalidDeployment

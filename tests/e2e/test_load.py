@@ -23,9 +23,15 @@ from PIL import Image
 
 from mnist_api.config import MIB, Settings
 from mnist_api.protocol.codec import HEADER_LENGTH
+from tests.http.test_errors import pdf_file
+from tests.imaging.test_upload_memory import (
+    V2_INFER,
+    issue_png,
+    large_png,
+    large_webp,
+    v2_nested_3200,
+)
 from tests.samples import as_paper, encode, sample
-from tests.test_errors import pdf_file
-from tests.test_upload_memory import V2_INFER, issue_png, large_png, large_webp, v2_nested_3200
 from tools.load import (
     LoadResult,
     Shot,

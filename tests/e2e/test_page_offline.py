@@ -8,15 +8,15 @@ Runs its own server (one worker, an admin key): the tests change the deployment.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import requests
 from playwright.sync_api import Browser, BrowserContext, Page, expect
 
-from tests import test_page
-from tests.test_page import PREDICT_TIMEOUT_MS, TIMEOUT_MS, draw_seven
-from tests.test_page_feedback import feedback_rows
+from mnist_api.config import PROJECT_ROOT
+from tests.e2e import test_page
+from tests.e2e.test_page import PREDICT_TIMEOUT_MS, TIMEOUT_MS, draw_seven
+from tests.e2e.test_page_feedback import feedback_rows
 from tools.services import LiveServer, start_web, stop
 
 browser = test_page.browser
@@ -176,4 +176,4 @@ def test_the_service_worker_is_served_from_the_root(server: LiveServer) -> None:
     assert response.status_code == 200
     assert response.headers["Content-Type"].startswith("text/javascript")
     assert response.headers["Cache-Control"] == "no-cache"
-    assert Path(__file__).parent.parent.joinpath("static", "sw.js").read_bytes() == response.content
+    assert PROJECT_ROOT.joinpath("static", "sw.js").read_bytes() == response.content

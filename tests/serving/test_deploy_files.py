@@ -435,7 +435,7 @@ def dockerignore_patterns() -> list[str]:
     [
         ".venv/bin/python",
         ".git/HEAD",
-        "tests/test_api.py",
+        "tests/http/test_api.py",
         "mnist_api/__pycache__/app.cpython-311.pyc",
         ".pytest_cache/README.md",
         ".mypy_cache/3.11/cache.db",

@@ -29,8 +29,8 @@ import requests
 from PIL import Image, ImageDraw
 from playwright.sync_api import Browser, Page, expect
 
-from tests import test_page
-from tests.test_page import PREDICT_TIMEOUT_MS, TIMEOUT_MS, draw_seven, predict
+from tests.e2e import test_page
+from tests.e2e.test_page import PREDICT_TIMEOUT_MS, TIMEOUT_MS, draw_seven, predict
 from tools.services import LiveServer
 
 browser = test_page.browser

@@ -16,8 +16,8 @@ from mnist_api.config import ConfigError, Settings
 from mnist_api.http import rate_limits
 from mnist_api.http.rate_limits import KEY_PREFIX, RateLimiter, RedisCounter
 from mnist_api.rate_windows import Window, parse_windows
+from tests.http.test_errors import assert_contract_error
 from tests.samples import as_paper, encode, sample
-from tests.test_errors import assert_contract_error
 from tools.redis_server import RedisServer
 from tools.services import API_KEYS, free_port, start_web, stop
 

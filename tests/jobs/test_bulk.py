@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 from mnist_api.config import PROJECT_ROOT
+from tests.http.test_errors import pdf_file, truncated_png
 from tests.samples import as_paper, encode, sample
-from tests.test_errors import pdf_file, truncated_png
 from tests.worker_process import Worker
 from tools.redis_server import RedisServer
 from tools.services import API_KEYS, venv_env

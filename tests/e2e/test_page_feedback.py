@@ -12,8 +12,8 @@ import pytest
 from playwright.sync_api import Page, Route, expect
 
 from mnist_api.http.auth import key_fingerprint
-from tests import test_page
-from tests.test_page import PREDICT_TIMEOUT_MS, draw_seven, predict
+from tests.e2e import test_page
+from tests.e2e.test_page import PREDICT_TIMEOUT_MS, draw_seven, predict
 from tools.services import LiveServer
 
 # The page module's fixtures (one Chromium per module, a fresh context per test).

@@ -16,7 +16,8 @@ from gunicorn.http.unreader import SocketUnreader, Unreader
 from gunicorn.workers import gthread
 
 from mnist_api.config import PROJECT_ROOT
-from mnist_api.serving.gunicorn_worker import DeadlineUnreader, KeepAliveWhenIdleWorker
+from mnist_api.serving.gunicorn_worker import KeepAliveWhenIdleWorker
+from mnist_api.serving.request_reading import DeadlineUnreader
 
 
 def source(function: object) -> str:

@@ -21,8 +21,8 @@ from mnist_api.config import UPLOAD_OVERHEAD_BYTES, ConfigError, Settings
 from mnist_api.deployment.notify import CHANNEL
 from mnist_api.jobs.celery_app import celery_config
 from mnist_api.jobs.store import FileJobStore, local_results_folder
+from tests.http.test_errors import BAD_FILES, assert_contract_error
 from tests.samples import as_paper, encode, sample
-from tests.test_errors import BAD_FILES, assert_contract_error
 from tests.worker_process import Worker
 from tools.redis_server import RedisServer
 from tools.services import free_port, start_web, stop
@@ -82,7 +82,9 @@ def test_worker_answers_like_predict(
         "/predict", data=data, headers={**auth, "Content-Type": "image/png"}
     ).get_json()
     assert direct["cached"] is True  # the worker stored its answer in the shared cache
-    assert done["result"]["prediction_id"]  # for the key that queued it (tests/test_feedback.py)
+    assert done["result"][
+        "prediction_id"
+    ]  # for the key that queued it (tests/feedback/test_feedback.py)
     assert {**done["result"], "cached": True, "prediction_id": ""} == {
         **direct,
         "prediction_id": "",

@@ -6,8 +6,8 @@ import pytest
 from flask.testing import FlaskClient
 
 from mnist_api.http.auth import key_fingerprint, key_matches
+from tests.http.test_errors import assert_contract_error
 from tests.samples import as_paper, encode, sample
-from tests.test_errors import assert_contract_error
 from tools.services import API_KEYS
 
 KEYED_ROUTES = [("POST", "/predict"), ("POST", "/predict/batch"), ("GET", "/model")]

@@ -3,7 +3,8 @@ to it, the deployment in the server's own SQLite database (start_web gives it on
 installed versions (the committed model and a real `.tflite` trained on shuffled labels).
 
 The tests share one server and run in file order; the last one kills Redis. Without Redis,
-and with PostgreSQL (down, and outliving the container): tests/test_deployment_durable.py.
+and with PostgreSQL (down, and outliving the container):
+tests/deployment/test_deployment_durable.py.
 """
 
 from __future__ import annotations

@@ -21,11 +21,12 @@ from werkzeug.test import TestResponse
 from mnist_api import create_app
 from mnist_api.config import Settings
 from mnist_api.extensions import SERVICE
-from mnist_api.inference.service import PredictionService, Route
+from mnist_api.inference.routing import Route
+from mnist_api.inference.service import PredictionService
 from mnist_api.protocol.codec import HEADER_LENGTH
+from tests.http.test_errors import assert_contract_error
+from tests.http.test_metrics import total
 from tests.samples import as_paper, encode, sample, upload_like_a_user
-from tests.test_errors import assert_contract_error
-from tests.test_metrics import total
 
 INFER = "/v2/models/mnist/infer"
 FUZZ = settings(
