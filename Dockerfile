@@ -41,7 +41,7 @@ COPY models/ ./models/
 # there to keep it); the app user may write only there. The release phase's database steps
 # need the runtime's DATABASE_URL, so gunicorn migrates the embedded file when it starts.
 RUN python -m compileall -q mnist_api \
-    && python -m mnist_api.release_check \
+    && python -m mnist_api.serving.release_check \
     && install -d -o app -g app instance
 
 # Numeric, so a runtime (Kubernetes runAsNonRoot, say) can tell it is not root: the app user.

@@ -37,11 +37,12 @@ run: $(VENV)/.deploy-installed
 system-deps:
 	bash scripts/install-system-deps.sh
 
-## lint: ruff (lint + format check) and mypy
+## lint: ruff (lint + format check), mypy and the import contracts (import-linter)
 lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 ## check-vendor: the page's vendored runtime (static/vendor/) equals its npm packages byte for byte
 check-vendor: $(VENV)/.dev-installed
@@ -53,7 +54,7 @@ test: system-deps lint check-vendor
 
 ## soak: the load and fault tests in full (a 2-minute soak at concurrency 32, large uploads, V2 bodies and slow clients mixed in); prints peak RSS per worker and Redis memory
 soak: system-deps $(VENV)/.dev-installed
-	$(BIN)/python -m pytest tests/test_load.py --soak-seconds 120 -s -p no:cacheprovider
+	$(BIN)/python -m pytest tests/e2e/test_load.py --soak-seconds 120 -s -p no:cacheprovider
 
 ## bench: benchmark the service as deployed; writes docs/benchmark.md and docs/benchmark.png
 BENCH_SECONDS ?= 8

@@ -9,8 +9,8 @@ from typing import Any
 from loguru import logger
 
 from mnist_api.config import Settings
-from mnist_api.gunicorn_logging import LoguruGunicornLogger
 from mnist_api.logs import configure_logging
+from mnist_api.serving.gunicorn_logging import LoguruGunicornLogger
 
 _settings = Settings.from_env()
 # Before gunicorn builds its own logger: the master's lines are JSON from the first one.
@@ -19,8 +19,8 @@ configure_logging(_settings.log_level, _settings.log_format)
 bind = f"0.0.0.0:{_settings.port}"
 workers = _settings.web_concurrency
 # Threads let a worker overlap slow uploads; each thread gets its own LiteRT interpreter.
-# gthread, with keep-alive only while nobody waits (mnist_api/gunicorn_worker.py).
-worker_class = "mnist_api.gunicorn_worker.KeepAliveWhenIdleWorker"
+# gthread, with keep-alive only while nobody waits (mnist_api/serving/gunicorn_worker.py).
+worker_class = "mnist_api.serving.gunicorn_worker.KeepAliveWhenIdleWorker"
 threads = _settings.threads
 # One fair queue in front of all workers: the kernel's accept queue. A plain gthread worker
 # accepts connections even with every thread busy and keeps them alive, so a client's (or a
@@ -101,7 +101,7 @@ def _migrate_embedded_database() -> None:
     admin changes answer 503 until the file is usable, and the workers serve the first-start
     deployment.
     """
-    from mnist_api import db  # noqa: PLC0415 - SQLAlchemy only when gunicorn starts
+    from mnist_api.storage import db  # noqa: PLC0415 - SQLAlchemy only when gunicorn starts
 
     if not db.is_sqlite(_settings.database_url):
         return

@@ -1,7 +1,8 @@
 """Quantize a Keras CNN to full-integer int8 LiteRT and install it as a new model version.
 
 Calibration uses training images only. The accuracy gate compares int8 (through
-`mnist_api.model.DigitModel`, the code the service runs) with float on the validation split,
+`mnist_api.inference.model.DigitModel`, the code the service runs) with float on the validation
+split,
 the 500 training images `train_model.py` holds out (same seed and size): the test split is
 never used to decide anything, it is only reported on the card, with the printed-digit,
 user-style and other-writers suites of `training.evaluate`.
@@ -21,16 +22,13 @@ A failed gate leaves `models/` exactly as it was.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import hashlib
-import io
 import json
 import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
 from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any
@@ -40,10 +38,8 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up banner quiet
 
 import keras
-import tensorflow as tf
 
-from mnist_api.model import MODEL_NAME, DigitModel, file_sha256
-from training.augment import augment_mnist, mnist_canvas
+from mnist_api.inference.model import MODEL_NAME, DigitModel, file_sha256
 from training.browser_variant import check_variant, write_browser_variant
 from training.data import (
     DATA_SOURCE,
@@ -62,6 +58,7 @@ from training.evaluate import (
     suite_metrics,
     user_style_suite,
 )
+from training.quantize import calibration_images, convert
 
 TFLITE_FILE = "mnist_cnn_int8.tflite"
 CARD_FILE = "model_card.json"
@@ -70,7 +67,7 @@ MAX_INT8_DROP = 0.005  # int8 may lose at most half a point of validation accura
 PREPROCESSING = (
     "decode, EXIF-rotate, alpha onto white, greyscale, light-on-dark, crop to the ink, "
     "longer side to 20 px, centre of mass at the centre of 28x28, [0, 1] "
-    "(mnist_api.preprocessing.normalize_digit)"
+    "(mnist_api.imaging.preprocessing.normalize_digit)"
 )
 
 
@@ -108,40 +105,6 @@ def parse_args() -> argparse.Namespace:
         help="install even when int8 loses more than --max-int8-drop (1-epoch smoke models)",
     )
     return parser.parse_args()
-
-
-def calibration_images(
-    x_train: np.ndarray, y_train: np.ndarray, count: int, seed: int
-) -> np.ndarray:
-    """Stratified training images, half clean and half augmented, as the service sees them.
-
-    The augmented half covers the heavier, slanted and distorted digits the model will get,
-    so their activations fall inside the calibrated int8 ranges rather than being clipped.
-    """
-    count = min(count, len(y_train) - len(np.unique(y_train)))
-    images, _, _, _ = stratified_subset(x_train, y_train, count, seed)
-    half = count // 2
-    clean = normalize_batch(images[:half])
-    canvases = np.stack([mnist_canvas(image) for image in images[half:]])
-    return np.concatenate([clean, augment_mnist(canvases, seed)])
-
-
-def convert(model: keras.Model, calibration: np.ndarray) -> bytes:
-    """Full-integer post-training quantization: int8 weights, activations, input and output."""
-
-    def representative_dataset() -> Iterator[list[np.ndarray]]:
-        for image in calibration:
-            yield [image[None, :, :, None].astype(np.float32)]
-
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = representative_dataset
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    converter.inference_input_type = tf.int8
-    converter.inference_output_type = tf.int8
-    # The Keras export step prints every traced tensor signature; keep the log readable.
-    with contextlib.redirect_stdout(io.StringIO()):
-        return converter.convert()
 
 
 def keras_accuracy(model: keras.Model, images: np.ndarray, labels: np.ndarray) -> float:

@@ -9,37 +9,32 @@ from flask.json.provider import DefaultJSONProvider
 from loguru import logger
 from sqlalchemy import Engine
 
-from mnist_api import (
-    cors,
-    error_handlers,
-    extensions,
-    json_limits,
-    metrics,
-    rate_limits,
-    request_context,
-    schemas,
-)
-from mnist_api.cache import CacheHooks, build_cache
+from mnist_api import extensions, metrics
 from mnist_api.config import PROJECT_ROOT, Settings
-from mnist_api.db import build_engine
-from mnist_api.deployment_manager import DeploymentManager, guard_defaults
-from mnist_api.deployment_notify import ChangeNotifier
-from mnist_api.deployment_router import AutoPromote, DeploymentRouter
-from mnist_api.deployment_store import SqlDeploymentStore
-from mnist_api.evidence import EvidenceRules
-from mnist_api.feedback import FeedbackStore, retention
-from mnist_api.job_store import build_job_store
-from mnist_api.jobs import JobService
+from mnist_api.deployment.counts import AutoPromote
+from mnist_api.deployment.evidence import EvidenceRules
+from mnist_api.deployment.manager import DeploymentManager, guard_defaults
+from mnist_api.deployment.notify import ChangeNotifier
+from mnist_api.deployment.router import DeploymentRouter
+from mnist_api.deployment.store import SqlDeploymentStore
+from mnist_api.feedback.store import FeedbackStore, retention
+from mnist_api.http import cors, http_metrics, json_limits, rate_limits, request_context, schemas
+from mnist_api.http import handlers as error_handlers
+from mnist_api.imaging.native_memory import return_large_blocks_to_os
+from mnist_api.imaging.preprocessing import ALLOWED_CONTENT_TYPES
+from mnist_api.inference.cache import CacheHooks, build_cache
+from mnist_api.inference.model import full_version
+from mnist_api.inference.prediction_ids import PredictionIds
+from mnist_api.inference.registry import ModelRegistry
+from mnist_api.inference.service import PredictionService, limits_from
+from mnist_api.jobs import tasks as _tasks  # noqa: F401 - registers the task bodies with Celery
+from mnist_api.jobs.celery_app import celery_init_app
+from mnist_api.jobs.service import JobService
+from mnist_api.jobs.store import build_job_store
 from mnist_api.logs import configure_logging
-from mnist_api.model import MODEL_NAME
-from mnist_api.native_memory import return_large_blocks_to_os
-from mnist_api.prediction_ids import PredictionIds
-from mnist_api.preprocessing import ALLOWED_CONTENT_TYPES
-from mnist_api.registry import ModelRegistry
 from mnist_api.routes import api, feedback, ops, v2, web
 from mnist_api.routes import deployment as deployment_routes
-from mnist_api.service import PredictionService, limits_from
-from mnist_api.tasks import celery_init_app
+from mnist_api.storage.db import build_engine
 
 API_VERSION = "1.0.0"
 
@@ -120,7 +115,7 @@ def create_app(settings: Settings | None = None, *, load_model: bool = True) -> 
     error_handlers.init_app(app)
     # The keyed routes count against the same per-key limit.
     rate_limits.init_app(app, settings, limited=(api.bp, v2.bp, deployment_routes.bp, feedback.bp))
-    metrics.init_app(
+    http_metrics.init_app(
         app,
         multiprocess=bool(settings.prometheus_multiproc_dir),
         token=settings.metrics_token,
@@ -148,7 +143,7 @@ def create_app(settings: Settings | None = None, *, load_model: bool = True) -> 
             len(registry.versions()),
             ", ".join(registry.versions()),
         )
-    metrics.prepare_versions([f"{MODEL_NAME}-{version}" for version in registry.versions()])
+    metrics.prepare_versions([full_version(version) for version in registry.versions()])
     router.start()
     return app
 
@@ -169,7 +164,7 @@ def _deployment_router(
     app.extensions[extensions.DEPLOYMENTS] = manager
     router = DeploymentRouter(
         manager,
-        full_version=lambda version: f"{MODEL_NAME}-{version}",
+        full_version=full_version,
         refresh_seconds=settings.deployment_refresh_seconds,
         auto_promote=AutoPromote(
             settings.auto_promote,

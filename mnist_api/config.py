@@ -10,16 +10,18 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 from mnist_api.rate_windows import parse_windows
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MIB = 1024 * 1024
-# What a queued upload costs Redis besides its bytes (mnist_api.job_store charges it).
+# What a queued upload costs Redis besides its bytes (mnist_api.jobs.store charges it).
 UPLOAD_OVERHEAD_BYTES = 2048
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -76,7 +78,9 @@ def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
 _ADMIN_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,31}")
 
 
-def _admin_keys(env: Mapping[str, str]) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+def _admin_keys(
+    env: Mapping[str, str], name: str
+) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
     """ADMIN_API_KEYS: the admin keys, and (key, name) for the entries written `name:key`.
 
     An entry is `name:key` when what comes before its first ':' is a name (a letter, then up
@@ -84,7 +88,7 @@ def _admin_keys(env: Mapping[str, str]) -> tuple[tuple[str, ...], tuple[tuple[st
     """
     keys: list[str] = []
     names: list[tuple[str, str]] = []
-    for entry in _list(env, "ADMIN_API_KEYS"):
+    for entry in _list(env, name):
         name, colon, key = entry.partition(":")
         if colon and key and _ADMIN_NAME.fullmatch(name):
             keys.append(key)
@@ -101,197 +105,195 @@ def _has_model_version(models_dir: Path) -> bool:
     )
 
 
+# Each setting is declared ONCE, as a Settings field: its default, its environment variable
+# and the reader that parses the variable (an unset or blank variable gives the default).
+Reader = Callable[[Mapping[str, str], str, Any], Any]
+ENV = "env"
+READ = "read"
+
+
+def setting(default: T, env: str, read: Reader) -> T:
+    """A Settings field: `default`, read from the variable `env` by `read`."""
+    declared: T = dataclasses.field(default=default, metadata={ENV: env, READ: read})
+    return declared
+
+
+def text(env: Mapping[str, str], name: str, default: str) -> str:
+    """A string, stripped."""
+    return _text(env, name, default)
+
+
+def lower_text(env: Mapping[str, str], name: str, default: str) -> str:
+    """A string, stripped and lower-cased."""
+    return _text(env, name, default).lower()
+
+
+def upper_text(env: Mapping[str, str], name: str, default: str) -> str:
+    """A string, stripped and upper-cased."""
+    return _text(env, name, default).upper()
+
+
+def path(env: Mapping[str, str], name: str, default: Path) -> Path:
+    """A filesystem path."""
+    return Path(_text(env, name, str(default)))
+
+
+def whole(minimum: int) -> Reader:
+    """A whole number of at least `minimum`."""
+
+    def read(env: Mapping[str, str], name: str, default: int) -> int:
+        return _int(env, name, default, minimum)
+
+    return read
+
+
+def number(env: Mapping[str, str], name: str, default: float) -> float:
+    """A number."""
+    return _float(env, name, default)
+
+
+def items(env: Mapping[str, str], name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    """A comma-separated list; empty means the default."""
+    return _list(env, name) or default
+
+
+def flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    """On for 1, true, yes or on (any case)."""
+    return _text(env, name, "1" if default else "0").lower() in ("1", "true", "yes", "on")
+
+
+def read_rate_limit(env: Mapping[str, str], name: str, default: str) -> str:
+    """RATE_LIMIT: unset means the default; "off" (or "none", "0") turns limits off."""
+    return _rate_limit(env.get(name), default)
+
+
+def read_api_keys(env: Mapping[str, str], name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    """API_KEYS, else the single API_KEY."""
+    return _list(env, name) or _list(env, "API_KEY") or default
+
+
+def read_admin_keys(env: Mapping[str, str], name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    """The keys of ADMIN_API_KEYS (`name:key` or plain `key` entries)."""
+    return _admin_keys(env, name)[0] or default
+
+
+def read_admin_names(
+    env: Mapping[str, str], name: str, default: tuple[tuple[str, str], ...]
+) -> tuple[tuple[str, str], ...]:
+    """(key, name) of the ADMIN_API_KEYS entries written `name:key`."""
+    return _admin_keys(env, name)[1] or default
+
+
 @dataclass(frozen=True)
 class Settings:
     """Every setting of the service, typed. Field docs are in the README's table."""
 
-    api_keys: tuple[str, ...] = ()
-    # Installed model versions: one folder per version under here (mnist_api/registry.py).
-    models_dir: Path = PROJECT_ROOT / "models"
-    default_model_version: str = ""  # stable at first start; empty: the newest installed
-    max_content_length: int = 10 * MIB
-    max_image_pixels: int = 50_000_000
-    batch_max_files: int = 64
+    api_keys: tuple[str, ...] = setting((), "API_KEYS", read_api_keys)
+    # Installed model versions: one folder per version under here (mnist_api/inference/registry.py).
+    models_dir: Path = setting(PROJECT_ROOT / "models", "MODELS_DIR", path)  # noqa: RUF009
+    # stable at first start; empty: the newest installed
+    default_model_version: str = setting("", "DEFAULT_MODEL_VERSION", text)
+    max_content_length: int = setting(10 * MIB, "MAX_CONTENT_LENGTH", whole(1))
+    max_image_pixels: int = setting(50_000_000, "MAX_IMAGE_PIXELS", whole(1))
+    batch_max_files: int = setting(64, "BATCH_MAX_FILES", whole(1))
     # Open Inference Protocol: most images in one `pixels` tensor (28x28 each).
-    v2_max_pixels_batch: int = 1024
+    v2_max_pixels_batch: int = setting(1024, "V2_MAX_PIXELS_BATCH", whole(1))
     # Memory one worker lets its image decodes hold at once, and how long a decode waits for
     # room before the client gets 503 server_busy (README: "Memory per worker").
-    decode_memory_budget_mb: int = 24
-    decode_wait_seconds: float = 2.0
-    cors_origins: tuple[str, ...] = ("*",)
-    redis_url: str = ""
-    cache_ttl_seconds: int = 3600
-    cache_max_items: int = 10_000
-    cache_socket_timeout: float = 0.1
-    cache_retry_seconds: float = 1.0
+    decode_memory_budget_mb: int = setting(24, "DECODE_MEMORY_BUDGET_MB", whole(1))
+    decode_wait_seconds: float = setting(2.0, "DECODE_WAIT_SECONDS", number)
+    cors_origins: tuple[str, ...] = setting(("*",), "CORS_ORIGINS", items)
+    redis_url: str = setting("", "REDIS_URL", text)
+    cache_ttl_seconds: int = setting(3600, "CACHE_TTL_SECONDS", whole(1))
+    cache_max_items: int = setting(10_000, "CACHE_MAX_ITEMS", whole(1))
+    cache_socket_timeout: float = setting(0.1, "CACHE_SOCKET_TIMEOUT", number)
+    cache_retry_seconds: float = setting(1.0, "CACHE_RETRY_SECONDS", number)
     # Async jobs (Celery on REDIS_URL; in-process "eager" mode without it)
     # Results and issued ids are polled within minutes; an hour bounds what Redis holds.
-    result_expires_seconds: int = 3600
-    broker_visibility_timeout: int = 3600
-    task_delay_seconds: float = 0.0  # test and demo only: makes a running task observable
+    result_expires_seconds: int = setting(3600, "RESULT_EXPIRES_SECONDS", whole(1))
+    broker_visibility_timeout: int = setting(3600, "BROKER_VISIBILITY_TIMEOUT", whole(1))
+    # test and demo only: makes a running task observable
     # Uploads wait in Redis until their task ran: cap each one and all of them together.
-    async_max_upload_bytes: int = 2 * MIB
-    async_queue_max_bytes: int = 8 * MIB
+    async_max_upload_bytes: int = setting(2 * MIB, "ASYNC_MAX_UPLOAD_BYTES", whole(1))
+    async_queue_max_bytes: int = setting(8 * MIB, "ASYNC_QUEUE_MAX_BYTES", whole(1))
     # A message whose worker died is redelivered; after this many deliveries it is
     # dead-lettered instead (a poison upload must not kill workers forever).
-    task_max_deliveries: int = 3
-    task_soft_time_limit: int = 60  # seconds; the task gets an exception (0: none)
-    task_time_limit: int = 120  # seconds; the process running it is killed (0: none)
-    task_crash_on_sha256: str = ""  # tests only: a worker process exits on this upload
+    task_max_deliveries: int = setting(3, "TASK_MAX_DELIVERIES", whole(1))
+    # seconds; the task gets an exception (0: none)
+    task_soft_time_limit: int = setting(60, "TASK_SOFT_TIME_LIMIT", whole(0))
+    # seconds; the process running it is killed (0: none)
+    task_time_limit: int = setting(120, "TASK_TIME_LIMIT", whole(0))
+    # tests only: a worker process exits on this upload
     # Without Redis: the folder where gunicorn's workers share async task ids and results
     # (gunicorn.conf.py sets it); unset, they stay in the one process (tests, scripts).
-    local_jobs_dir: str = ""
-    rate_limit: str = "120/minute"
+    local_jobs_dir: str = setting("", "LOCAL_JOBS_DIR", text)
+    rate_limit: str = setting("120/minute", "RATE_LIMIT", read_rate_limit)
     # Trust X-Forwarded-For only when told how many proxies append it (app.json: 1 on
     # Heroku); otherwise any client could send a new one per request and escape the limits.
-    proxy_fix_x_for: int = 0
-    log_level: str = "INFO"
-    log_format: str = "json"
+    proxy_fix_x_for: int = setting(0, "PROXY_FIX_X_FOR", whole(0))
+    log_level: str = setting("INFO", "LOG_LEVEL", upper_text)
+    log_format: str = setting("json", "LOG_FORMAT", lower_text)
     # Metrics: the multiprocess folder is set by gunicorn.conf.py for its workers.
-    prometheus_multiproc_dir: str = ""
-    metrics_token: str = ""
-    low_confidence_threshold: float = 0.6
+    prometheus_multiproc_dir: str = setting("", "PROMETHEUS_MULTIPROC_DIR", text)
+    metrics_token: str = setting("", "METRICS_TOKEN", text)
+    low_confidence_threshold: float = setting(0.6, "LOW_CONFIDENCE_THRESHOLD", number)
     # Deployments (issue 12): admin keys may change the deployment; they are API keys too.
-    admin_api_keys: tuple[str, ...] = ()
+    admin_api_keys: tuple[str, ...] = setting((), "ADMIN_API_KEYS", read_admin_keys)
     # (key, name) of the admin keys given as `name:key`: the history names them so.
-    admin_names: tuple[tuple[str, str], ...] = ()
-    deployment_refresh_seconds: float = 1.0  # how often a worker re-reads the deployment
-    guard_min_requests: int = 200
-    guard_max_low_confidence_delta: float = 0.10
-    guard_max_error_delta: float = 0.02
-    guard_min_feedback: int = 50
-    guard_max_accuracy_drop: float = 0.05
-    auto_promote: bool = False
-    auto_promote_min_feedback: int = 200
-    auto_promote_probability: float = 0.95
+    admin_names: tuple[tuple[str, str], ...] = setting((), "ADMIN_API_KEYS", read_admin_names)
+    # how often a worker re-reads the deployment
+    deployment_refresh_seconds: float = setting(1.0, "DEPLOYMENT_REFRESH_SECONDS", number)
+    guard_min_requests: int = setting(200, "GUARD_MIN_REQUESTS", whole(1))
+    guard_max_low_confidence_delta: float = setting(0.10, "GUARD_MAX_LOW_CONFIDENCE_DELTA", number)
+    guard_max_error_delta: float = setting(0.02, "GUARD_MAX_ERROR_DELTA", number)
+    guard_min_feedback: int = setting(50, "GUARD_MIN_FEEDBACK", whole(1))
+    guard_max_accuracy_drop: float = setting(0.05, "GUARD_MAX_ACCURACY_DROP", number)
+    auto_promote: bool = setting(False, "AUTO_PROMOTE", flag)
+    auto_promote_min_feedback: int = setting(200, "AUTO_PROMOTE_MIN_FEEDBACK", whole(1))
+    auto_promote_probability: float = setting(0.95, "AUTO_PROMOTE_PROBABILITY", number)
     # Trust (issue 21): signs prediction ids and keys an unnamed admin's fingerprint in the
     # deployment history; required like API_KEY. Never logged, never shown.
-    secret_key: str = ""
-    feedback_max_age_seconds: int = 7 * 86_400  # how long an answer can still be judged
+    secret_key: str = setting("", "SECRET_KEY", text)
+    # how long an answer can still be judged
+    feedback_max_age_seconds: int = setting(7 * 86_400, "FEEDBACK_MAX_AGE_SECONDS", whole(1))
     # Evidence rules: no key more than this share of any statistic the guard, the bandit,
     # auto-promotion or the retrain holdout read; and at least this many distinct keys.
-    evidence_max_share_per_key: float = 0.2
-    evidence_min_keys: int = 5
-    # Feedback store (mnist_api/db.py): DATABASE_URL, or "" for the embedded SQLite file.
-    database_url: str = ""
-    database_timeout_seconds: float = 3.0
+    evidence_max_share_per_key: float = setting(0.2, "EVIDENCE_MAX_SHARE_PER_KEY", number)
+    evidence_min_keys: int = setting(5, "EVIDENCE_MIN_KEYS", whole(1))
+    # Feedback store (mnist_api/storage/db.py): DATABASE_URL, or "" for the embedded SQLite file.
+    database_url: str = setting("", "DATABASE_URL", text)
+    database_timeout_seconds: float = setting(3.0, "DATABASE_TIMEOUT_SECONDS", number)
     # Feedback retention (0 = no limit): ~2.3 KB per row in PostgreSQL, so 100,000 rows are
     # ~230 MB, inside a 1 GB Heroku Postgres plan next to everything else.
-    feedback_retention_days: int = 365
-    feedback_max_rows: int = 100_000
+    feedback_retention_days: int = setting(365, "FEEDBACK_RETENTION_DAYS", whole(0))
+    feedback_max_rows: int = setting(100_000, "FEEDBACK_MAX_ROWS", whole(0))
     # Server (read by gunicorn.conf.py)
-    port: int = 8000
-    web_concurrency: int = 2
-    threads: int = 4
-    timeout: int = 25
+    port: int = setting(8000, "PORT", whole(1))
+    web_concurrency: int = setting(2, "WEB_CONCURRENCY", whole(1))
+    threads: int = setting(4, "GUNICORN_THREADS", whole(1))
+    timeout: int = setting(25, "GUNICORN_TIMEOUT", whole(1))
     # A worker is recycled after this many requests (plus up to 10% jitter): about 2 hours
     # of a worker's share of 1,400 answers a second, so a recycle is rare (README).
-    max_requests: int = 5_000_000
+    max_requests: int = setting(5_000_000, "GUNICORN_MAX_REQUESTS", whole(0))
     # Seconds an idle kept-alive connection is kept (closed at once for a waiting client).
-    keepalive: int = 2
+    keepalive: int = setting(2, "GUNICORN_KEEPALIVE", whole(1))
     # A client must send its request head within this many seconds of connecting (or of its
     # first byte on a kept-alive connection), and its body within this many more; slower
-    # ones get 408 (mnist_api/gunicorn_worker.py reads requests before a thread serves them).
-    request_header_timeout: float = 10.0
-    request_body_timeout: float = 60.0
+    # ones get 408 (mnist_api/serving/gunicorn_worker.py reads requests before a thread
+    # serves them).
+    request_header_timeout: float = setting(10.0, "REQUEST_HEADER_TIMEOUT", number)
+    request_body_timeout: float = setting(60.0, "REQUEST_BODY_TIMEOUT", number)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        """Read settings from `env` (default: the process environment)."""
+        """Read settings from `env` (default: the process environment): each field's
+        variable, through the reader declared with the field."""
         env = os.environ if env is None else env
-        keys = _list(env, "API_KEYS") or _list(env, "API_KEY")
-        admin_keys, admin_names = _admin_keys(env)
-        return cls(
-            api_keys=keys,
-            models_dir=Path(_text(env, "MODELS_DIR", str(cls.models_dir))),
-            default_model_version=_text(env, "DEFAULT_MODEL_VERSION", ""),
-            max_content_length=_int(env, "MAX_CONTENT_LENGTH", cls.max_content_length, 1),
-            max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", cls.max_image_pixels, 1),
-            batch_max_files=_int(env, "BATCH_MAX_FILES", cls.batch_max_files, 1),
-            v2_max_pixels_batch=_int(env, "V2_MAX_PIXELS_BATCH", cls.v2_max_pixels_batch, 1),
-            decode_memory_budget_mb=_int(
-                env, "DECODE_MEMORY_BUDGET_MB", cls.decode_memory_budget_mb, 1
-            ),
-            decode_wait_seconds=_float(env, "DECODE_WAIT_SECONDS", cls.decode_wait_seconds),
-            cors_origins=_list(env, "CORS_ORIGINS") or cls.cors_origins,
-            redis_url=_text(env, "REDIS_URL", cls.redis_url),
-            cache_ttl_seconds=_int(env, "CACHE_TTL_SECONDS", cls.cache_ttl_seconds, 1),
-            cache_max_items=_int(env, "CACHE_MAX_ITEMS", cls.cache_max_items, 1),
-            cache_socket_timeout=_float(env, "CACHE_SOCKET_TIMEOUT", cls.cache_socket_timeout),
-            cache_retry_seconds=_float(env, "CACHE_RETRY_SECONDS", cls.cache_retry_seconds),
-            result_expires_seconds=_int(
-                env, "RESULT_EXPIRES_SECONDS", cls.result_expires_seconds, 1
-            ),
-            broker_visibility_timeout=_int(
-                env, "BROKER_VISIBILITY_TIMEOUT", cls.broker_visibility_timeout, 1
-            ),
-            task_delay_seconds=_float(env, "TASK_DELAY_SECONDS", cls.task_delay_seconds),
-            async_max_upload_bytes=_int(
-                env, "ASYNC_MAX_UPLOAD_BYTES", cls.async_max_upload_bytes, 1
-            ),
-            async_queue_max_bytes=_int(env, "ASYNC_QUEUE_MAX_BYTES", cls.async_queue_max_bytes, 1),
-            task_max_deliveries=_int(env, "TASK_MAX_DELIVERIES", cls.task_max_deliveries, 1),
-            task_soft_time_limit=_int(env, "TASK_SOFT_TIME_LIMIT", cls.task_soft_time_limit, 0),
-            task_time_limit=_int(env, "TASK_TIME_LIMIT", cls.task_time_limit, 0),
-            task_crash_on_sha256=_text(env, "TASK_CRASH_ON_SHA256", "").lower(),
-            local_jobs_dir=_text(env, "LOCAL_JOBS_DIR", ""),
-            rate_limit=_rate_limit(env.get("RATE_LIMIT"), cls.rate_limit),
-            proxy_fix_x_for=_int(env, "PROXY_FIX_X_FOR", cls.proxy_fix_x_for, 0),
-            log_level=_text(env, "LOG_LEVEL", cls.log_level).upper(),
-            log_format=_text(env, "LOG_FORMAT", cls.log_format).lower(),
-            prometheus_multiproc_dir=_text(env, "PROMETHEUS_MULTIPROC_DIR", ""),
-            metrics_token=_text(env, "METRICS_TOKEN", ""),
-            low_confidence_threshold=_float(
-                env, "LOW_CONFIDENCE_THRESHOLD", cls.low_confidence_threshold
-            ),
-            admin_api_keys=admin_keys,
-            admin_names=admin_names,
-            deployment_refresh_seconds=_float(
-                env, "DEPLOYMENT_REFRESH_SECONDS", cls.deployment_refresh_seconds
-            ),
-            guard_min_requests=_int(env, "GUARD_MIN_REQUESTS", cls.guard_min_requests, 1),
-            guard_max_low_confidence_delta=_float(
-                env, "GUARD_MAX_LOW_CONFIDENCE_DELTA", cls.guard_max_low_confidence_delta
-            ),
-            guard_max_error_delta=_float(env, "GUARD_MAX_ERROR_DELTA", cls.guard_max_error_delta),
-            guard_min_feedback=_int(env, "GUARD_MIN_FEEDBACK", cls.guard_min_feedback, 1),
-            guard_max_accuracy_drop=_float(
-                env, "GUARD_MAX_ACCURACY_DROP", cls.guard_max_accuracy_drop
-            ),
-            auto_promote=_text(env, "AUTO_PROMOTE", "0").lower() in ("1", "true", "yes", "on"),
-            auto_promote_min_feedback=_int(
-                env, "AUTO_PROMOTE_MIN_FEEDBACK", cls.auto_promote_min_feedback, 1
-            ),
-            auto_promote_probability=_float(
-                env, "AUTO_PROMOTE_PROBABILITY", cls.auto_promote_probability
-            ),
-            secret_key=_text(env, "SECRET_KEY", ""),
-            feedback_max_age_seconds=_int(
-                env, "FEEDBACK_MAX_AGE_SECONDS", cls.feedback_max_age_seconds, 1
-            ),
-            evidence_max_share_per_key=_float(
-                env, "EVIDENCE_MAX_SHARE_PER_KEY", cls.evidence_max_share_per_key
-            ),
-            evidence_min_keys=_int(env, "EVIDENCE_MIN_KEYS", cls.evidence_min_keys, 1),
-            database_url=_text(env, "DATABASE_URL", ""),
-            database_timeout_seconds=_float(
-                env, "DATABASE_TIMEOUT_SECONDS", cls.database_timeout_seconds
-            ),
-            feedback_retention_days=_int(
-                env, "FEEDBACK_RETENTION_DAYS", cls.feedback_retention_days, 0
-            ),
-            feedback_max_rows=_int(env, "FEEDBACK_MAX_ROWS", cls.feedback_max_rows, 0),
-            port=_int(env, "PORT", cls.port, 1),
-            web_concurrency=_int(env, "WEB_CONCURRENCY", cls.web_concurrency, 1),
-            threads=_int(env, "GUNICORN_THREADS", cls.threads, 1),
-            timeout=_int(env, "GUNICORN_TIMEOUT", cls.timeout, 1),
-            max_requests=_int(env, "GUNICORN_MAX_REQUESTS", cls.max_requests, 0),
-            keepalive=_int(env, "GUNICORN_KEEPALIVE", cls.keepalive, 1),
-            request_header_timeout=_float(
-                env, "REQUEST_HEADER_TIMEOUT", cls.request_header_timeout
-            ),
-            request_body_timeout=_float(env, "REQUEST_BODY_TIMEOUT", cls.request_body_timeout),
-        )
+        values: dict[str, Any] = {}
+        for item in dataclasses.fields(cls):
+            name, read = item.metadata[ENV], item.metadata[READ]
+            values[item.name] = read(env, name, item.default)
+        return cls(**values)
 
     def __post_init__(self) -> None:
         # An admin key is also an API key: one list for authentication, one for admin rights.

@@ -6,18 +6,19 @@ from typing import TYPE_CHECKING
 
 from flask import current_app
 
-from mnist_api.cache import PredictionCache
-from mnist_api.config import Settings
-from mnist_api.job_store import JobStore
-from mnist_api.model import DigitModel
-from mnist_api.registry import ModelRegistry
-from mnist_api.service import PredictionService
-
+# Only types: this module sits below the services it hands out (routes and Celery tasks call
+# it), so importing them at run time would climb back up the layers (checked by import-linter).
 if TYPE_CHECKING:
-    from mnist_api.deployment_manager import DeploymentManager
-    from mnist_api.deployment_router import DeploymentRouter
-    from mnist_api.feedback import FeedbackStore
-    from mnist_api.jobs import JobService
+    from mnist_api.config import Settings
+    from mnist_api.deployment.manager import DeploymentManager
+    from mnist_api.deployment.router import DeploymentRouter
+    from mnist_api.feedback.store import FeedbackStore
+    from mnist_api.inference.cache import PredictionCache
+    from mnist_api.inference.model import DigitModel
+    from mnist_api.inference.registry import ModelRegistry
+    from mnist_api.inference.service import PredictionService
+    from mnist_api.jobs.service import JobService
+    from mnist_api.jobs.store import JobStore
 
 SETTINGS = "mnist_settings"
 REGISTRY = "mnist_registry"

@@ -1,4 +1,4 @@
-"""Every Prometheus metric of the service, defined once, and `/metrics` on the app's own port.
+"""Every Prometheus metric of the service, defined once (`/metrics` itself: http/http_metrics.py).
 
 Under gunicorn, `PROMETHEUS_MULTIPROC_DIR` is set before any worker imports
 prometheus_client (gunicorn.conf.py), so each worker writes its samples to files in that
@@ -13,24 +13,15 @@ raises "Duplicated timeseries".
 
 from __future__ import annotations
 
-import functools
-import hmac
-import time
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
-from flask import Flask, Response, g, request
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
-    generate_latest,
 )
-from prometheus_client.multiprocess import MultiProcessCollector
-
-from mnist_api.errors import Unauthorized
 
 # The HTTP metrics keep the names (and labels) prometheus-flask-exporter gave them, which the
 # dashboard and the alerts query; the app records them itself, in one hook per request.
@@ -179,8 +170,6 @@ ALL = (
     FEEDBACK,
 )
 
-View = TypeVar("View", bound=Callable[..., Any])
-
 
 def record_answers(answers: Sequence[dict[str, Any]], low_confidence_threshold: float) -> None:
     """Count answered predictions by digit and confidence."""
@@ -259,24 +248,6 @@ def set_cache_degraded(degraded: bool) -> None:
     CACHE_DEGRADED.set(1 if degraded else 0)
 
 
-def _bearer_token_required(token: str) -> Callable[[View], View]:
-    """Protect /metrics with `Authorization: Bearer <METRICS_TOKEN>`."""
-
-    def decorate(view: View) -> View:
-        @functools.wraps(view)
-        def guarded(*args: Any, **kwargs: Any) -> Any:
-            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                given.encode(), token.encode()
-            ):
-                raise Unauthorized("Send the metrics token as 'Authorization: Bearer <token>'.")
-            return view(*args, **kwargs)
-
-        return guarded  # type: ignore[return-value]
-
-    return decorate
-
-
 _model_version: list[str] = []
 
 
@@ -290,57 +261,6 @@ def set_model_version(model_version: str) -> None:
     _model_version[:] = [model_version]
 
 
-def init_app(app: Flask, multiprocess: bool, token: str = "") -> None:
-    """Serve /metrics, count HTTP requests per route, and track in-flight requests and errors.
-
-    One hook before and one after each request (the request's start time is request_context's
-    `g.started`); the /metrics scrape itself is not counted.
-    """
-    registry = None if multiprocess else _process_registry()
-
-    def exposition() -> Response:
-        # Multiprocess: a fresh collector per scrape reads every worker's files.
-        scraped = registry
-        if scraped is None:
-            scraped = CollectorRegistry()
-            MultiProcessCollector(scraped)  # type: ignore[no-untyped-call]
-        return Response(generate_latest(scraped), mimetype=CONTENT_TYPE_LATEST)
-
-    view = _bearer_token_required(token)(exposition) if token else exposition
-    app.add_url_rule("/metrics", "prometheus_metrics", view, methods=["GET"])
-
-    @app.before_request
-    def _enter() -> None:
-        IN_FLIGHT.inc()
-        g.in_flight = True
-
-    @app.after_request
-    def _count(response: Response) -> Response:
-        rule = request.url_rule
-        if rule is not None and rule.endpoint == "prometheus_metrics":
-            return response
-        status = http_status_label(response.status_code)
-        method = http_method_label(request.method)
-        started = g.get("started")
-        seconds = time.perf_counter() - started if started is not None else 0.0
-        HTTP_SECONDS.labels(method, str(rule) if rule is not None else OTHER, status).observe(
-            seconds
-        )
-        HTTP_REQUESTS.labels(method, status).inc()
-        code = g.get("error_code")
-        if code:
-            ERRORS.labels(code).inc()
-        version = g.get("model_version")
-        if version and code is None:
-            ANSWER_SECONDS.labels(version).observe(seconds)
-        return response
-
-    @app.teardown_request
-    def _leave(_exc: BaseException | None) -> None:
-        if g.pop("in_flight", False):  # always, even if a response never got built
-            IN_FLIGHT.dec()
-
-
 def http_method_label(method: str) -> str:
     """The method as a label: one of HTTP_METHODS, else "other"."""
     return method if method in HTTP_METHODS else OTHER
@@ -351,7 +271,7 @@ def http_status_label(status: int) -> str:
     return str(status) if 100 <= status <= 599 else OTHER
 
 
-def _process_registry() -> CollectorRegistry:
+def process_registry() -> CollectorRegistry:
     """Every metric in one registry of this process (no PROMETHEUS_MULTIPROC_DIR)."""
     registry = CollectorRegistry()
     for metric in ALL:

@@ -1,11 +1,11 @@
-// The service's MNIST preprocessing (mnist_api/preprocessing.py), in the browser: decoded RGBA
+// The service's MNIST preprocessing (mnist_api/imaging/preprocessing.py), in the browser: decoded RGBA
 // pixels in, the model's 28x28 float32 input out (ink = 1). Same steps in the same order:
 // choose the working scale, greyscale (alpha composited onto white), make the digit light on
 // dark from the border's median, keep only ink above a quarter of the contrast, crop to it,
 // scale its longer side to 20 px with Pillow's own Lanczos filter (fixed-point, as Pillow
 // computes it), normalise by the peak and move the centre of mass to the centre of 28x28.
 // float32 steps are rounded with Math.fround where NumPy works in float32, and Python's
-// round() (half to even) is used where the server uses it. tests/test_page_device.py holds
+// round() (half to even) is used where the server uses it. tests/e2e/test_page_device.py holds
 // the two implementations together on 600 drawings and uploads.
 "use strict";
 
@@ -14,7 +14,7 @@ const DIGIT_BOX = 20;
 const MIN_DIGIT_PIXELS = 48;
 const MIN_CONTRAST = 24.0;
 const INK_FLOOR = 0.25;
-// mnist_api/decoding.py: the working image's shorter side, its pixel cap, libjpeg's 1/8.
+// mnist_api/imaging/decoding.py: the working image's shorter side, its pixel cap, libjpeg's 1/8.
 const WORK_SHORT_SIDE = 256;
 const MAX_WORK_PIXELS = 4000000;
 const MAX_DRAFT_SCALE = 8;

@@ -12,9 +12,10 @@ import pytest
 from apiflask import APIFlask
 from flask.testing import FlaskClient
 
-from mnist_api import create_app, db
+from mnist_api import create_app
 from mnist_api.config import PROJECT_ROOT, Settings
 from mnist_api.extensions import CACHE
+from mnist_api.storage import db
 from tests.worker_process import Worker
 from tools.redis_server import RedisServer
 from tools.services import (
@@ -92,6 +93,14 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         server.kill()
 
 
+def worker_command() -> list[str]:
+    """The Procfile's worker line, with the test worker entry (tests/worker_entry.py: the
+    fault hooks TASK_DELAY_SECONDS and TASK_CRASH_ON_SHA256) in place of make_celery."""
+    shell, flag, command = procfile_command("worker")
+    assert " -A make_celery " in command
+    return [shell, flag, command.replace(" -A make_celery ", " -A tests.worker_entry ")]
+
+
 @pytest.fixture
 def start_worker(redis_server: RedisServer, tmp_path: Path) -> Iterator[Callable[..., Worker]]:
     """Start Procfile workers on the test's Redis; all are stopped at the end."""
@@ -111,7 +120,7 @@ def start_worker(redis_server: RedisServer, tmp_path: Path) -> Iterator[Callable
         environment = venv_env(**{**defaults, **env})
         with log_path.open("wb") as log:
             process = subprocess.Popen(
-                procfile_command("worker"),
+                worker_command(),
                 cwd=PROJECT_ROOT,
                 env=environment,
                 stdout=log,
@@ -136,7 +145,7 @@ def two_versions(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, s
     `.tflite` trained on shuffled labels (tests/bad_model.py), which answers with near-
     uniform, low-confidence guesses. Trained once per session, in a subprocess.
     """
-    from mnist_api.registry import ModelRegistry  # noqa: PLC0415 - only for this fixture
+    from mnist_api.inference.registry import ModelRegistry  # noqa: PLC0415 - only for this fixture
 
     folder = tmp_path_factory.mktemp("models")
     committed = PROJECT_ROOT / "models"

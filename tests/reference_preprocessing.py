@@ -1,6 +1,6 @@
-"""A frozen copy of `mnist_api.preprocessing` before its 8-bit fast path (commit b38f555).
+"""A frozen copy of `mnist_api.imaging.preprocessing` before its 8-bit fast path (commit b38f555).
 
-`tests/test_preprocessing.py` checks that the service's `preprocess` and `normalize_digit`
+`tests/imaging/test_preprocessing.py` checks that the service's `preprocess` and `normalize_digit`
 still return exactly (bit for bit) what this straightforward version returns: the fast path
 must be a pure speed-up. Do not edit it to follow later changes of the algorithm; replace
 it on purpose if the output is meant to change.
@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from mnist_api.decoding import (
+from mnist_api.errors import BlankImage
+from mnist_api.imaging.decoding import (
     MAX_WORK_PIXELS,
     Header,
     coarsest_scale,
@@ -22,8 +23,7 @@ from mnist_api.decoding import (
     read_header,
     work_pixels,
 )
-from mnist_api.errors import BlankImage
-from mnist_api.preprocessing import Limits
+from mnist_api.imaging.preprocessing import Limits
 
 MNIST_SIZE = 28
 DIGIT_BOX = 20

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mnist_api.model import DigitModel
+from mnist_api.inference.model import DigitModel
 
 ROOT = Path(__file__).resolve().parent.parent
 CARD_FIELDS = {

@@ -36,8 +36,8 @@ import requests
 from PIL import Image
 
 from mnist_api.config import PROJECT_ROOT, Settings
-from mnist_api.preprocessing import preprocess
-from mnist_api.registry import ModelRegistry
+from mnist_api.imaging.preprocessing import preprocess
+from mnist_api.inference.registry import ModelRegistry
 from tools import bench_browser
 from tools.load import rss_kib
 from tools.redis_server import RedisServer

@@ -1,11 +1,11 @@
 """Measure the memory that preprocessing each kind of large upload really holds.
 
 `python -m tools.decode_memory` prints, per kind of file, the bytes the decode budget
-reserves for it (`mnist_api.decoding.decode_cost`) and the peak resident memory the decode
-really added, so the estimate can be checked against reality (tests/test_decoding.py does).
+reserves for it (`mnist_api.imaging.decoding.decode_cost`) and the peak resident memory the decode
+really added, so the estimate can be checked against reality (tests/imaging/test_decoding.py does).
 Each peak is that image's alone: the kernel's peak counter (`VmHWM`) is reset before every
 image through /proc/self/clear_refs, and large blocks go back to the system when freed as
-they do in a worker (`mnist_api.native_memory`). Linux only.
+they do in a worker (`mnist_api.imaging.native_memory`). Linux only.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mnist_api.decode_budget import DecodeBudget
 from mnist_api.errors import ServiceError
-from mnist_api.native_memory import return_large_blocks_to_os
-from mnist_api.preprocessing import Limits, preprocess, warm_up_upload
+from mnist_api.imaging.budget import DecodeBudget
+from mnist_api.imaging.native_memory import return_large_blocks_to_os
+from mnist_api.imaging.preprocessing import Limits, preprocess, warm_up_upload
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **options: object) -> bytes:

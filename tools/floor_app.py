@@ -20,7 +20,7 @@ from flask import Flask, jsonify, request
 from PIL import Image
 
 from mnist_api.config import Settings
-from mnist_api.registry import CARD_FILE, TFLITE_FILE, ModelRegistry
+from mnist_api.inference.registry import CARD_FILE, TFLITE_FILE, ModelRegistry
 
 app = Flask(__name__)
 _settings = Settings.from_env()

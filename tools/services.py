@@ -143,7 +143,7 @@ def start_web(
         "WEB_CONCURRENCY": "2",
         "LOG_FORMAT": "json",
         "LOG_LEVEL": "INFO",
-        "RATE_LIMIT": "off",  # tests/test_rate_limits.py turns it on where it is the subject
+        "RATE_LIMIT": "off",  # tests/http/test_rate_limits.py turns it on where it is the subject
         "PROMETHEUS_MULTIPROC_DIR": str(tmp_dir / f"metrics-{port}"),
         # Its own feedback file (gunicorn.conf.py migrates it), never the repository's.
         "DATABASE_URL": f"sqlite:///{tmp_dir / f'feedback-{port}.db'}",

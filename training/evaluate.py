@@ -3,11 +3,11 @@
     python -m training.evaluate models/fe5e4f4d480b models/<version>
 
 Every version folder holds `mnist_cnn_int8.tflite` and `model_card.json`; each model runs
-through `mnist_api.model.DigitModel`, the code the service runs. The suites:
+through `mnist_api.inference.model.DigitModel`, the code the service runs. The suites:
 
 - `test`: the fixed 1,000-sample test split, normalised as in training.
 - `user_style`: the same 1,000 digits as a person uploads them (dark ink on white paper,
-  larger, off-centre, JPEG), through `mnist_api.preprocessing.preprocess`, the upload path.
+  larger, off-centre, JPEG), through `mnist_api.imaging.preprocessing.preprocess`, the upload path.
 - `printed`: digits 0-9 typeset in the DejaVu, STIX and Computer Modern fonts that
   matplotlib ships, at three sizes, tilted up to 10 degrees, uploaded as PNG/JPEG through
   `preprocess`. Training
@@ -37,8 +37,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from sklearn.datasets import load_digits
 
-from mnist_api.model import DigitModel
-from mnist_api.preprocessing import preprocess
+from mnist_api.imaging.preprocessing import preprocess
+from mnist_api.inference.model import DigitModel
 from training.data import load_split, normalize_batch, stratified_subset
 
 TFLITE_FILE = "mnist_cnn_int8.tflite"

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mnist_api.evidence import holdout_weights, key_cap
-from mnist_api.feedback import FeedbackRows, FeedbackStore
+from mnist_api.deployment.evidence import holdout_weights, key_cap
+from mnist_api.feedback.store import FeedbackRows, FeedbackStore
 
 NPZ_FIELDS = ("images", "labels", "predicted", "versions", "key_fingerprints", "sha256", "times")
 

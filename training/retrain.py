@@ -37,10 +37,15 @@ from pathlib import Path
 from typing import Any
 
 from mnist_api.config import Settings
-from mnist_api.feedback import FeedbackRows
-from mnist_api.model import MODEL_NAME, DigitModel
-from mnist_api.proposals import Proposal, StableUnknown, propose_candidate, stable_version
-from mnist_api.registry import CARD_FILE, TFLITE_FILE, ModelRegistry
+from mnist_api.deployment.proposals import (
+    Proposal,
+    StableUnknown,
+    propose_candidate,
+    stable_version,
+)
+from mnist_api.feedback.store import FeedbackRows
+from mnist_api.inference.model import MODEL_NAME, DigitModel
+from mnist_api.inference.registry import CARD_FILE, TFLITE_FILE, ModelRegistry
 from training import challenger as challenger_model
 from training import report as reporting
 from training.browser_variant import write_browser_variant

@@ -10,8 +10,6 @@ from apiflask import APIBlueprint
 from apiflask.schemas import FileSchema
 from flask import Response, g, request, send_file, url_for
 
-from mnist_api import rate_limits, schemas, uploads
-from mnist_api.auth import api_key_auth
 from mnist_api.errors import NotReady
 from mnist_api.extensions import (
     get_cache,
@@ -20,7 +18,10 @@ from mnist_api.extensions import (
     get_service,
     get_settings,
 )
-from mnist_api.schemas import documents_query, documents_upload
+from mnist_api.http import rate_limits, schemas, uploads
+from mnist_api.http.auth import api_key_auth
+from mnist_api.http.request_context import client_identity
+from mnist_api.http.schemas import documents_query, documents_upload
 
 bp = APIBlueprint("api", __name__, tag="Predictions")
 
@@ -30,11 +31,6 @@ UPLOAD_ERRORS = [400, 401, 404, 413, 415, 422, 429, 503]
 def _pinned_version() -> str | None:
     """`?model_version=` (short or full form), or None to let the deployment decide."""
     return request.args.get("model_version") or None
-
-
-def _client() -> str:
-    """The fingerprint of the caller's key: what sticky deployments (A/B) hash."""
-    return str(g.get("api_key_fingerprint") or "")
 
 
 @bp.post("/predict")
@@ -56,7 +52,7 @@ def predict() -> Response:
     """Predict one upload."""
     data = uploads.read_single(request)
     result = get_service().predict(
-        data, client=_client(), version=_pinned_version(), along=rate_limits.pending()
+        data, client=client_identity(), version=_pinned_version(), along=rate_limits.pending()
     )
     g.digit = result["prediccion"]
     g.model_version = result["model_version"]
@@ -86,10 +82,10 @@ def predict_batch() -> dict[str, Any]:
     settings = get_settings()
     service = get_service()
     # Decided once for the batch, so its answers and its `model_version` agree.
-    route = service.route_for(_client(), _pinned_version())
+    route = service.route_for(client_identity(), _pinned_version())
     results = service.predict_many(
         uploads.read_batch(request, settings.batch_max_files),
-        client=_client(),
+        client=client_identity(),
         route=route,
         along=rate_limits.pending(),
     )
@@ -126,7 +122,9 @@ def predict_batch() -> dict[str, Any]:
 def predict_async() -> tuple[dict[str, Any], int, dict[str, str]]:
     """Accept an upload for an async prediction."""
     data = uploads.read_single(request)
-    task_id = get_jobs().submit(data, g.request_id, client=_client(), version=_pinned_version())
+    task_id = get_jobs().submit(
+        data, g.request_id, client=client_identity(), version=_pinned_version()
+    )
     status_url = url_for("api.task_status", task_id=task_id)
     return {"task_id": task_id, "status_url": status_url}, 202, {"Location": status_url}
 

@@ -7,30 +7,15 @@ from typing import Any
 from apiflask import APIBlueprint
 from flask import request
 
-from mnist_api import schemas
-from mnist_api.auth import API_KEY_HEADER, admin_identity, api_key_auth, key_matches
-from mnist_api.errors import Forbidden, InvalidDeployment
-from mnist_api.extensions import get_deployments, get_router, get_settings
+from mnist_api.errors import InvalidDeployment
+from mnist_api.extensions import get_deployments, get_router
+from mnist_api.http import schemas
+from mnist_api.http.auth import admin_caller, api_key_auth
 
 bp = APIBlueprint("deployment", __name__, tag="Deployments")
 
 HISTORY_DEFAULT = 20
 HISTORY_MAX = 100
-
-
-def _admin() -> str:
-    """Who the admin is (its name, or a keyed fingerprint: `auth.admin_identity`);
-    `Forbidden` (403) for a valid key that is not an admin's.
-
-    Runs after `api_key_auth`, so a missing or wrong key has already been answered 401.
-    """
-    settings = get_settings()
-    key = request.headers.get(API_KEY_HEADER, "")
-    if not settings.admin_api_keys:
-        raise Forbidden("No admin key is configured: set ADMIN_API_KEYS to change deployments.")
-    if not key_matches(key, settings.admin_api_keys):
-        raise Forbidden()
-    return admin_identity(key, settings.admin_names, settings.secret_key)
 
 
 def _answer(deployment: Any) -> dict[str, Any]:
@@ -67,7 +52,7 @@ def get_deployment() -> dict[str, Any]:
 @schemas.documents_json_body(schemas.DeploymentChange)
 def put_deployment() -> dict[str, Any]:
     """Validate and apply a change atomically; answer the new deployment."""
-    by = _admin()
+    by = admin_caller()
     body = request.get_json(force=True, silent=True)
     if not isinstance(body, dict):
         raise InvalidDeployment("Send a JSON object with the fields to change.")
@@ -85,7 +70,7 @@ def put_deployment() -> dict[str, Any]:
 )
 def promote() -> dict[str, Any]:
     """The candidate becomes stable."""
-    return _answer(get_deployments().promote(by=_admin()))
+    return _answer(get_deployments().promote(by=admin_caller()))
 
 
 @bp.post("/deployment/rollback")
@@ -101,7 +86,7 @@ def promote() -> dict[str, Any]:
 )
 def rollback() -> dict[str, Any]:
     """The previous stable comes back."""
-    return _answer(get_deployments().rollback(by=_admin()))
+    return _answer(get_deployments().rollback(by=admin_caller()))
 
 
 @bp.get("/deployment/history")

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
-import numpy as np
 from apiflask import APIBlueprint
 from flask import g, request
 
-from mnist_api import metrics, schemas, uploads
-from mnist_api.auth import api_key_auth
-from mnist_api.errors import InvalidLabel, InvalidPredictionId, PredictionMismatch
 from mnist_api.extensions import get_feedback_store, get_service
-from mnist_api.feedback import FeedbackEntry
-from mnist_api.model import MODEL_NAME
-from mnist_api.prediction_ids import input_digest
-from mnist_api.schemas import documents_upload
+from mnist_api.feedback.service import FeedbackService
+from mnist_api.http import schemas, uploads
+from mnist_api.http.auth import api_key_auth
+from mnist_api.http.request_context import client_identity
+from mnist_api.http.schemas import documents_upload
 
 bp = APIBlueprint("feedback", __name__, tag="Feedback")
 
@@ -45,16 +41,9 @@ FEEDBACK_RESPONSES: Responses = {
 }
 
 
-def parse_label(raw: str | None) -> int:
-    """The form's `label` as a digit; `InvalidLabel` (400) when missing or not 0..9."""
-    text = (raw or "").strip()
-    if not (text.isascii() and text.isdigit()) or int(text) > 9:
-        raise InvalidLabel()
-    return int(text)
-
-
-def _client() -> str:
-    return str(g.get("api_key_fingerprint") or "")
+def _feedback() -> FeedbackService:
+    """The feedback service over this app's prediction service and store."""
+    return FeedbackService(get_service(), get_feedback_store())
 
 
 @bp.post("/feedback")
@@ -76,53 +65,14 @@ def _client() -> str:
 @documents_upload(schemas.FeedbackUpload)
 def post_feedback() -> tuple[dict[str, Any], int]:
     """Store the right label for an answer, replacing this key's earlier one."""
-    label = parse_label(request.form.get("label"))
-    service = get_service()
-    client = _client()
-    if service.ids is None:
-        raise InvalidPredictionId()  # unreachable in the app: create_app always signs
-    answered = service.ids.verify(request.form.get("prediction_id", "").strip(), client)
-    data = uploads.read_single(request)
-    model, image, probabilities = service.score_for_feedback(
-        data, client=client, version=answered.version
+    receipt = _feedback().submit(
+        label=request.form.get("label"),
+        prediction_id=request.form.get("prediction_id", ""),
+        read_upload=lambda: uploads.read_single(request),
+        client=client_identity(),
     )
-    digest = input_digest(image)
-    if digest != answered.input_digest:
-        raise PredictionMismatch()
-    predicted = int(np.argmax(probabilities))
-    sha256 = hashlib.sha256(data).hexdigest()
-    entry = FeedbackEntry(
-        key_fingerprint=client,
-        # The store's per-key row is per normalised input, not per upload: the same pixels
-        # in other bytes (a PNG with another text chunk) judge the same answer again.
-        sha256=digest,
-        model_version=model.version,
-        label=label,
-        predicted=predicted,
-        probability=float(probabilities[predicted]),
-        image=image,
-        routed=answered.routed,
-    )
-    recorded = get_feedback_store().record(entry)
-    if recorded.created:
-        # A replaced label is not a new judgement: counting it again would let one key
-        # move the accuracy (and the bandit) by repeating itself.
-        metrics.record_feedback(model.full_version, entry.correct)
-        if answered.routed:  # a pinned answer is not evidence for the deployment
-            get_service().router.record_feedback(
-                model.version, entry.correct, client=client, deployment=answered.deployment
-            )
-    g.model_version = model.full_version
-    body = {
-        "feedback_id": recorded.feedback_id,
-        "sha256": sha256,
-        "input_digest": digest,
-        "label": label,
-        "model_version": model.full_version,
-        "predicted": predicted,
-        "correct": entry.correct,
-    }
-    return body, 201 if recorded.created else 200
+    g.model_version = receipt.model_version
+    return receipt.body, 201 if receipt.created else 200
 
 
 @bp.get("/feedback/stats")
@@ -135,9 +85,4 @@ def post_feedback() -> tuple[dict[str, Any], int]:
 )
 def feedback_stats() -> dict[str, Any]:
     """Count, accuracy and 10x10 confusion matrix of the feedback per version."""
-    versions = get_feedback_store().stats()
-    return {
-        "versions": [
-            {"model_version": f"{MODEL_NAME}-{entry['version']}", **entry} for entry in versions
-        ]
-    }
+    return _feedback().stats()

@@ -6,9 +6,9 @@ from typing import Any
 
 from apiflask import APIBlueprint
 
-from mnist_api import schemas
 from mnist_api.errors import NotReady
 from mnist_api.extensions import get_cache, get_feedback_store, get_jobs, get_model, get_router
+from mnist_api.http import schemas
 
 bp = APIBlueprint("ops", __name__, tag="Operations")
 

@@ -1,0 +1,1 @@
+"""Labelled feedback on answered predictions: the store (with retention)."""

@@ -1,0 +1,3 @@
+"""Predictions: the LiteRT model runtime (no Flask), the registry of installed versions, the
+prediction service, its cache and prediction ids.
+"""

@@ -1,0 +1,3 @@
+"""Asynchronous work: Celery task bodies (task names unchanged), the job store, the job service,
+bulk uploads and the Celery result backend wiring.
+"""

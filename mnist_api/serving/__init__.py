@@ -1,0 +1,3 @@
+"""Process-level serving under gunicorn: the keep-alive worker class, gunicorn's logger and the
+release-phase check.
+"""
