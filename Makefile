@@ -12,7 +12,7 @@ ADMIN_API_KEY ?= dev-admin-key
 # (production refuses to start without SECRET_KEY).
 SECRET_KEY ?= dev-secret-key
 
-.PHONY: run test lint check-vendor model retrain soak bench system-deps clean
+.PHONY: run test lint check-vendor docs model retrain soak bench system-deps clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,8 +48,13 @@ lint: $(VENV)/.dev-installed
 check-vendor: $(VENV)/.dev-installed
 	$(BIN)/python -m tools.check_vendor
 
-## test: static analysis, the vendored files against npm, then the whole pytest suite
-test: system-deps lint check-vendor
+## docs: build the manual (mkdocs.yml, docs/) strictly into build/site/: a broken link or anchor,
+## a page missing from the nav or a bad config fails it
+docs: $(VENV)/.dev-installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir build/site
+
+## test: static analysis, the vendored files against npm, the docs site, then the whole pytest suite
+test: system-deps lint check-vendor docs
 	$(BIN)/python -m pytest
 
 ## soak: the load and fault tests in full (a 2-minute soak at concurrency 32, large uploads, V2 bodies and slow clients mixed in); prints peak RSS per worker and Redis memory

@@ -1,6 +1,6 @@
-"""The evidence rules (mnist_api/deployment/evidence.py) and the bounds the README states for them.
+"""The evidence rules (mnist_api/deployment/evidence.py) and the bounds the docs state.
 
-Bounds (README, "Evidence rules"): one key weighs at most EVIDENCE_MAX_SHARE_PER_KEY (s) of
+Bounds (docs/deployments.md): one key weighs at most EVIDENCE_MAX_SHARE_PER_KEY (s) of
 any statistic, so against the same other evidence it moves a rate by at most s (k colluding
 keys: k * s); fewer than EVIDENCE_MIN_KEYS keys decide nothing; the holdout accuracy gap
 between two models moves by at most s per key.

@@ -199,7 +199,7 @@ def test_soak_mixed_traffic(tmp_path: Path, redis_server: RedisServer, soak_seco
         assert set(result.by_shot) == {shot.name for shot in shots}
         assert slow[0].failures == 0, describe(slow[0])
         assert set(slow[0].by_shot) == {"slow_in_time", "stalled_head", "stalled_body"}
-        # The README's worst case per worker: its settled size, the decode budget, and two
+        # The docs' worst case per worker: its settled size, the decode budget, and two
         # copies of a request body per thread (the largest: issue 22's V2 body), plus 8 MiB
         # of allocator slack.
         bodies = 2 * STOCK.threads * len(v2_nested_3200())

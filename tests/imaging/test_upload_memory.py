@@ -5,7 +5,7 @@ The stock configuration (2 workers x 4 threads, the default decode budget) gets 
 large PNG and WEBP uploads, and the upload of issue 15 (a 7000x7000 RGBA PNG). Every answer
 must be a prediction, `413 image_too_large` (the one that alone exceeds the budget) or `503
 server_busy` with `Retry-After`, and no worker's peak resident memory (`VmHWM`) may pass what
-the README states: its settled size + the decode budget + the request bodies its threads hold.
+the docs state: its settled size + the decode budget + the request bodies its threads hold.
 The same bound holds with every thread on a worst-case Open Inference Protocol body (issue
 22's 3,200-image nested JSON, a full FP32 batch in JSON, a pixel-per-list body): refused
 before parsing, or parsed within the budget.
@@ -35,7 +35,7 @@ V2_INFER = "/v2/models/mnist/infer"
 STOCK = Settings()
 CONCURRENCY = STOCK.web_concurrency * STOCK.threads  # every thread of every worker busy
 # Memory the allocator may hold beyond live bytes (per-thread heaps of small objects):
-# measured at 2-4 MiB per worker here; the README's worst case counts it in the baseline.
+# measured at 2-4 MiB per worker here; the docs' worst case counts it in the baseline.
 ALLOCATOR_SLACK = 8 * MIB
 
 

@@ -238,7 +238,7 @@ def compose_web_environment(redis_url: str) -> dict[str, str]:
     return environment
 
 
-# How each README command serves: `make run` (one worker, text logs, a dev admin key),
+# How each documented command serves: `make run` (one worker, text logs, a dev admin key),
 # `docker run` (the image's ENV), `docker compose up` (its environment, with Redis). The same
 # gunicorn command in each; the read limits are the defaults.
 SERVING_PATHS = {
