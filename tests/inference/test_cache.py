@@ -343,6 +343,6 @@ def test_the_cache_key_covers_decoding_and_the_decode_budget(
     assert cache_of(PROJECT_ROOT, 24) == ["HIT", "HIT"]  # a restart alone keeps the answers
     assert cache_of(PROJECT_ROOT, 64) == ["MISS", "HIT"]  # another decode scale: recomputed
     changed = project_copy(tmp_path)
-    decoding = changed / "mnist_api" / "decoding.py"
+    decoding = changed / "mnist_api" / "imaging" / "decoding.py"
     decoding.write_text(decoding.read_text() + "\n# a deploy that changed the decoder\n")
     assert cache_of(changed, 64) == ["MISS", "HIT"]  # other decoding code: recomputed
