@@ -241,18 +241,7 @@ class PredictionService:
             pending[key] = [slot]
         if images:
             fresh: dict[str, Prediction] = {}
-            started = time.perf_counter()
-            batch = np.stack(images)
-            try:
-                probabilities = model.predict(batch)
-            except Exception:
-                self._count_failure(model, route, client, len(images))
-                raise
-            metrics.INFERENCE_SECONDS.labels(model_version=model.full_version).observe(
-                time.perf_counter() - started
-            )
-            if route.shadow is not None:
-                self._score_in_shadow(model, route.shadow, batch, probabilities)
+            probabilities = self._infer(model, route, client, np.stack(images))
             shaped = zip(pending.items(), probabilities, images, strict=True)
             for (key, slots), row, image in shaped:
                 answer = self._shape(row, model)
@@ -268,6 +257,22 @@ class PredictionService:
         )
         delivered = iter(answers)
         return [next(delivered) if isinstance(item, dict) else item for item in answered]
+
+    def _infer(self, model: DigitModel, route: Route, client: str, batch: np.ndarray) -> np.ndarray:
+        """One timed model call for `batch`, counted against `model` if it fails, and scored by
+        the shadow version when the route has one."""
+        started = time.perf_counter()
+        try:
+            probabilities = model.predict(batch)
+        except Exception:
+            self._count_failure(model, route, client, len(batch))
+            raise
+        metrics.INFERENCE_SECONDS.labels(model_version=model.full_version).observe(
+            time.perf_counter() - started
+        )
+        if route.shadow is not None:
+            self._score_in_shadow(model, route.shadow, batch, probabilities)
+        return probabilities
 
     def _count_failure(self, model: DigitModel, route: Route, client: str, count: int) -> None:
         """The guard compares error rates per version: a failing candidate is rolled back
@@ -321,19 +326,7 @@ class PredictionService:
         chunk = BATCH_BUCKETS[-1]
         parts = []
         for start in range(0, len(images), chunk):
-            batch = images[start : start + chunk]
-            started = time.perf_counter()
-            try:
-                probabilities = model.predict(batch)
-            except Exception:
-                self._count_failure(model, route, client, len(batch))
-                raise
-            metrics.INFERENCE_SECONDS.labels(model_version=model.full_version).observe(
-                time.perf_counter() - started
-            )
-            if route.shadow is not None:
-                self._score_in_shadow(model, route.shadow, batch, probabilities)
-            parts.append(probabilities)
+            parts.append(self._infer(model, route, client, images[start : start + chunk]))
         answered = np.concatenate(parts) if parts else np.zeros((0, NUM_CLASSES))
         digits = np.argmax(answered, axis=1)
         delivered = self._deliver(
