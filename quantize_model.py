@@ -22,7 +22,6 @@ A failed gate leaves `models/` exactly as it was.
 from __future__ import annotations
 
 import argparse
-import datetime
 import hashlib
 import json
 import os
@@ -39,11 +38,19 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up
 
 import keras
 
-from mnist_api.inference.model import MODEL_NAME, DigitModel, file_sha256
+from mnist_api.config import Settings
+from mnist_api.deployment.proposals import (
+    Proposal,
+    StableUnknown,
+    propose_candidate,
+    stable_version,
+)
+from mnist_api.inference.model import DigitModel
+from mnist_api.inference.registry import ModelRegistry, is_version_dir
+from training import model_report, release_gate
 from training.browser_variant import check_variant, write_browser_variant
+from training.card import model_card, training_record
 from training.data import (
-    DATA_SOURCE,
-    SPLIT_EXPRESSION,
     VALIDATION_SIZE,
     Split,
     load_split,
@@ -52,23 +59,20 @@ from training.data import (
     validation_mask,
 )
 from training.evaluate import (
+    Suite,
     latency_ms,
-    other_writers_suite,
-    printed_suite,
-    suite_metrics,
-    user_style_suite,
+    load_version,
+    other_suites,
+    probabilities,
+    set_metrics,
 )
+from training.install import install
 from training.quantize import calibration_images, convert
 
 TFLITE_FILE = "mnist_cnn_int8.tflite"
 CARD_FILE = "model_card.json"
 KERAS_FILE = "mnist_cnn.keras"
 MAX_INT8_DROP = 0.005  # int8 may lose at most half a point of validation accuracy to float
-PREPROCESSING = (
-    "decode, EXIF-rotate, alpha onto white, greyscale, light-on-dark, crop to the ink, "
-    "longer side to 20 px, centre of mass at the centre of 28x28, [0, 1] "
-    "(mnist_api.imaging.preprocessing.normalize_digit)"
-)
 
 
 def parse_args() -> argparse.Namespace:
@@ -100,6 +104,27 @@ def parse_args() -> argparse.Namespace:
         help="largest validation accuracy int8 may lose to float (0.005: half a point)",
     )
     parser.add_argument(
+        "--stable",
+        default=None,
+        help="the version to beat (default: the deployment in force's stable version)",
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=release_gate.TOLERANCE,
+        help="release gate: how much worse than stable each other set may be (0.005: 0.5 pt)",
+    )
+    parser.add_argument(
+        "--no-release-gate",
+        action="store_true",
+        help="install even when the model does not beat stable (it is then not proposed)",
+    )
+    parser.add_argument(
+        "--propose",
+        action="store_true",
+        help="put the new version out as candidate now (else the release phase does it)",
+    )
+    parser.add_argument(
         "--no-accuracy-gate",
         action="store_true",
         help="install even when int8 loses more than --max-int8-drop (1-epoch smoke models)",
@@ -121,26 +146,6 @@ def int8_accuracy(model: DigitModel, images: np.ndarray, labels: np.ndarray) -> 
     return float(np.mean(np.argmax(np.concatenate(predictions), axis=1) == labels))
 
 
-def training_record(card_path: Path, keras_path: Path, model: keras.Model) -> dict[str, Any]:
-    """The `training` section `train_model.py` left in the card next to the Keras file.
-
-    Used only if it names this exact Keras file (by SHA-256); otherwise only the parameter
-    count is known.
-    """
-    record: dict[str, Any] = {}
-    if card_path.exists():
-        record = json.loads(card_path.read_text()).get("training", {})
-    if record.get("keras_sha256") != file_sha256(keras_path):
-        print(f"warning: no training record for {keras_path} in {card_path}", file=sys.stderr)
-        record = {}
-    return {**record, "params": int(model.count_params())}
-
-
-def quantization_of(spec: Any) -> dict[str, float | int]:
-    """Scale and zero point of a `TensorSpec`, for the card."""
-    return {"scale": spec.scale, "zero_point": spec.zero_point}
-
-
 def validation_images(split: Split, seed: int, subset: int | None) -> tuple[np.ndarray, np.ndarray]:
     """The validation rows `train_model.py` carves from the training split (same seed, size)."""
     mask = validation_mask(split.y_train, VALIDATION_SIZE, seed)
@@ -156,41 +161,6 @@ def test_images(split: Split, seed: int, subset: int | None) -> tuple[np.ndarray
     if subset is not None:
         x_test, y_test, _, _ = stratified_subset(x_test, y_test, subset, seed)
     return normalize_batch(x_test), y_test
-
-
-def install(staging: Path, models_dir: Path, version: str) -> Path | None:
-    """Move a complete staging folder to `models_dir/<version>` in one atomic rename.
-
-    Returns the new folder, or None when that version is already installed (the same
-    .tflite bytes): the installed one is left alone.
-    """
-    models_dir.mkdir(parents=True, exist_ok=True)
-    target = models_dir / version
-    if target.exists():
-        return None
-    # mkdtemp made the folder private (0700); an installed version is readable by all, like
-    # any folder created under the usual umask.
-    staging.chmod(0o755)
-    for path in staging.iterdir():
-        _fsync(path)  # the files are on disk before the rename makes them visible
-    try:
-        # rename(2) of a directory is atomic on one filesystem: readers of models/ see the
-        # whole version folder or none of it, never a half-written one.
-        os.rename(staging, target)
-    except OSError:
-        if target.exists():  # another run installed the same version meanwhile
-            return None
-        raise
-    _fsync(models_dir)
-    return target
-
-
-def _fsync(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def main() -> int:
@@ -244,18 +214,17 @@ def main() -> int:
             return 1
 
         test_float = keras_accuracy(model, x_test, y_test)
-        test_int8 = int8_accuracy(digit_model, x_test, y_test)
+        suites = [Suite("test", "test split", x_test, y_test), *other_suites(args.subset)]
+        found = {suite.name: probabilities(digit_model, suite.images) for suite in suites}
+        measured = measure(found, suites)
+        test_int8 = measured["test_accuracy"]
         print(
-            f"test accuracy (reported only): float {test_float:.4f}, int8 {test_int8:.4f} "
-            f"({len(y_test)} samples)",
+            f"test accuracy: float {test_float:.4f}, int8 {test_int8:.4f} ({len(y_test)} samples)",
             flush=True,
         )
-        suites = [user_style_suite(args.subset), printed_suite(args.subset)]
-        suites.append(other_writers_suite(args.subset))
-        extra = suite_metrics(digit_model, suites)
         print(
             "int8 on other inputs: "
-            + ", ".join(f"{suite.name} {extra[f'{suite.name}_accuracy']:.4f}" for suite in suites),
+            + ", ".join(f"{s.name} {measured[f'{s.name}_accuracy']:.4f}" for s in suites[1:]),
             flush=True,
         )
         latency = {
@@ -266,59 +235,49 @@ def main() -> int:
         }
         browser = write_browser_variant(staging)
         check_variant(staging, val_images[:200])
-        assert digit_model.input_spec is not None and digit_model.output_spec is not None
-        card = {
-            "name": MODEL_NAME,
-            "version": version,
-            "sha256": sha256,
-            "size_bytes": len(tflite),
-            "input_shape": list(digit_model.input_spec.shape),
-            "input_dtype": digit_model.input_spec.dtype.name,
-            "output": "logits",
-            "output_shape": list(digit_model.output_spec.shape),
-            "output_dtype": digit_model.output_spec.dtype.name,
-            "quantization": {
-                "input": quantization_of(digit_model.input_spec),
-                "output": quantization_of(digit_model.output_spec),
-            },
-            "labels": list(range(10)),
-            "metrics": {
-                "accuracy_float": round(test_float, 4),
-                "accuracy_int8": round(test_int8, 4),
-                "test_samples": len(y_test),
-                "validation_accuracy_float": round(val_float, 4),
-                "validation_accuracy_int8": round(val_int8, 4),
-                "validation_samples": len(y_val),
-                **extra,
-            },
-            "gate": {
-                "split": "validation",
-                "max_int8_drop": args.max_int8_drop,
-                "enforced": not args.no_accuracy_gate,
-            },
-            "latency_ms_per_image": latency,
-            "data": {
-                "source": DATA_SOURCE,
-                "samples": split.total,
-                "split": SPLIT_EXPRESSION,
-                "train": len(split.y_train),
-                "test": len(split.y_test),
-                "validation": (
-                    f"{VALIDATION_SIZE} training images, "
-                    f"training.data.validation_mask(seed={args.seed}) as train_model.py "
-                    "holds them out (a full-fit model has also trained on them)"
-                ),
-                "calibration": f"{len(calibration)} training images (half augmented)",
-                "evaluation": "training.evaluate suites: user_style, printed, other_writers",
-            },
-            "preprocessing": PREPROCESSING,
-            # The page's copy (float32 edges around this same int8 graph): see
-            # training/browser_variant.py; checked against the int8 file on validation.
-            "browser": browser,
-            "training": training,
-            "created": datetime.date.today().isoformat(),
+        metrics = {
+            "accuracy_float": round(test_float, 4),
+            "accuracy_int8": round(test_int8, 4),
+            "test_ece": measured["test_ece"],
+            "test_samples": len(y_test),
+            "validation_accuracy_float": round(val_float, 4),
+            "validation_accuracy_int8": round(val_int8, 4),
+            "validation_samples": len(y_val),
+            **{k: v for k, v in measured.items() if not k.startswith("test_")},
         }
+        card = model_card(args, digit_model, tflite, split, len(calibration), metrics)
+        card.update(latency_ms_per_image=latency, browser=browser, training=training)
+
+        series: model_report.Series = {s.name: [(version, found[s.name], s.labels)] for s in suites}
+        stable = stable_to_beat(args, version)
+        stable_metrics = None
+        if stable is not None:
+            stable_found = {suite.name: probabilities(stable, suite.images) for suite in suites}
+            stable_metrics = measure(stable_found, suites)
+            stable_metrics["accuracy_int8"] = stable_metrics["test_accuracy"]
+            for suite in suites:
+                series[suite.name].append(
+                    (f"{stable.version} (stable)", stable_found[suite.name], suite.labels)
+                )
+            checks = release_gate.checks(metrics, stable_metrics, args.tolerance)
+            card["release_gate"] = release_gate.card_entry(
+                stable.version, checks, enforced=not args.no_release_gate
+            )
+            for check in checks:
+                verdict = "pass" if check.passed else "FAIL"
+                print(f"release gate, {check.name}: {check.rule} ({check.detail}): {verdict}")
+            if not card["release_gate"]["passed"] and not args.no_release_gate:
+                print(
+                    f"error: the new version does not pass the release gate against stable "
+                    f"{stable.version}; nothing was installed in {models_dir}",
+                    file=sys.stderr,
+                )
+                return 1
+            if card["release_gate"]["passed"]:
+                card["proposed"] = Proposal(version).card_entry()
         (staging / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+        report = (stable.version, stable_metrics) if stable and stable_metrics else None
+        model_report.write(staging, card, report, series)
         shutil.copyfile(args.keras, staging / KERAS_FILE)
         installed = install(staging, models_dir, version)
     finally:
@@ -331,7 +290,47 @@ def main() -> int:
         f"latency per image: {latency['batch_1']:.3f} ms single, "
         f"{latency['batch_32']:.3f} ms in batches of 32"
     )
+    print(f"training report: {installed / model_report.REPORT_MD}")
+    if "proposed" in card:
+        if args.propose:
+            outcome = propose_candidate(Proposal(version), Settings.from_env(), by="make model")
+            print(f"proposal: {outcome.message}")
+        else:
+            print("proposed as candidate (a 10% canary): the release phase puts it out")
     return 0
+
+
+def measure(found: dict[str, np.ndarray], suites: list[Suite]) -> dict[str, Any]:
+    """`<set>_accuracy`, `<set>_ece`, `<set>_samples` of every suite from its probabilities."""
+    measured: dict[str, Any] = {}
+    for suite in suites:
+        measured.update(set_metrics(suite.name, found[suite.name], suite.labels))
+    return measured
+
+
+def stable_to_beat(args: argparse.Namespace, version: str) -> DigitModel | None:
+    """The stable version the release gate compares with, loaded; None when there is none.
+
+    `--stable`, else the stable version of the deployment in force (DATABASE_URL, else the
+    embedded SQLite file); None when nothing is installed yet (the first version), or when
+    the new version is itself that stable one (a rebuild of the same bytes).
+    """
+    if not any(is_version_dir(path) for path in _children(args.models_dir)):
+        return None
+    registry = ModelRegistry.discover(args.models_dir)
+    wanted = args.stable
+    if wanted is None:
+        try:
+            wanted = stable_version(Settings.from_env(), registry)
+        except StableUnknown as error:
+            raise SystemExit(f"error: {error}") from error
+    if wanted == version:
+        return None
+    return load_version(args.models_dir / wanted)
+
+
+def _children(folder: Path) -> list[Path]:
+    return list(folder.iterdir()) if folder.is_dir() else []
 
 
 if __name__ == "__main__":

@@ -191,7 +191,7 @@ class Settings:
     api_keys: tuple[str, ...] = setting((), "API_KEYS", read_api_keys)
     # Installed model versions: one folder per version under here (mnist_api/inference/registry.py).
     models_dir: Path = setting(PROJECT_ROOT / "models", "MODELS_DIR", path)  # noqa: RUF009
-    # stable at first start; empty: the newest installed
+    # stable at first start; empty: models/default_deployment.json's choice, else the newest
     default_model_version: str = setting("", "DEFAULT_MODEL_VERSION", text)
     max_content_length: int = setting(10 * MIB, "MAX_CONTENT_LENGTH", whole(1))
     max_image_pixels: int = setting(50_000_000, "MAX_IMAGE_PIXELS", whole(1))

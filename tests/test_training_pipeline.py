@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mnist_api.deployment.proposals import Proposal, pending_proposal
 from mnist_api.inference.model import DigitModel
+from mnist_api.inference.registry import ModelRegistry
 
 ROOT = Path(__file__).resolve().parent.parent
+STABLE = "fe5e4f4d480b"  # the first version: what a one-epoch model is gated against
 CARD_FIELDS = {
     "name",
     "version",
@@ -43,6 +47,8 @@ VERSION_FILES = {
     "mnist_cnn_browser.tflite",  # the page's copy: float32 edges around the same int8 graph
     "model_card.json",
     "mnist_cnn.keras",
+    "training_report.md",  # issue 25: figures per set, the release gate, reliability diagrams
+    "training_report.png",
 }
 QUANTIZE_SMOKE = ("--subset", "100", "--calibration-samples", "50", "--latency-repeats", "8")
 
@@ -134,12 +140,65 @@ def test_card_describes_the_file(installed: Path) -> None:
     assert metrics["test_samples"] == 100 and metrics["validation_samples"] == 100
     for name in ("accuracy_int8", "validation_accuracy_int8", "user_style_accuracy"):
         assert 0.0 <= metrics[name] <= 1.0, name
+    for name in ("test", "user_style", "printed", "other_writers"):  # ECE, 15 bins, per set
+        assert 0.0 <= metrics[f"{name}_ece"] <= 1.0, name
     assert metrics["printed_samples"] > 0 and metrics["other_writers_samples"] == 100
     assert card["gate"]["split"] == "validation" and card["gate"]["enforced"] is False
     assert card["latency_ms_per_image"]["batch_1"] > 0
     assert card["data"]["train"] == 4000 and card["data"]["test"] == 1000
     training = card["training"]
-    assert training["recipe"] == "v2" and training["epochs"] == 1 and training["params"] > 0
+    assert training["recipe"] == "v3" and training["epochs"] == 1 and training["params"] > 0
+    # The default recipe distils four teachers into the shipped network.
+    teachers = training["distillation"]["teachers"]
+    assert [t["recipe"] for t in teachers] == ["v2", "v1", "v2", "v1"]
+    assert [t["seed"] for t in teachers] == [1, 2, 3, 4]
+    # The first version installed has no stable to be gated against, so it is not proposed.
+    assert "release_gate" not in card and "proposed" not in card
+    report = (installed / "training_report.md").read_text()
+    assert "No stable version to gate against" in report and "training_report.png" in report
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # the module fixture trains and quantizes on a busy CPU
+def test_a_version_that_does_not_beat_stable_is_refused(workspace: Path, tmp_path: Path) -> None:
+    """Issue 25: the release gate against stable (the one-epoch model loses to it)."""
+    models = tmp_path / "models"
+    shutil.copytree(ROOT / "models" / STABLE, models / STABLE)
+    before = snapshot(models)
+    result = run_script(
+        "quantize_model.py",
+        "--keras", str(workspace / "build" / "mnist_cnn.keras"),
+        "--models-dir", str(models),
+        *QUANTIZE_SMOKE,
+        "--no-accuracy-gate",
+        "--stable", STABLE,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "release gate, test split: better than stable" in result.stdout
+    assert "does not pass the release gate" in result.stderr
+    assert snapshot(models) == before
+    # Installed anyway when asked, with the verdict in its card and report, and not proposed.
+    run_ok(
+        "quantize_model.py",
+        "--keras", str(workspace / "build" / "mnist_cnn.keras"),
+        "--models-dir", str(models),
+        *QUANTIZE_SMOKE,
+        "--no-accuracy-gate",
+        "--stable", STABLE,
+        "--no-release-gate",
+    )  # fmt: skip
+    (new,) = [path for path in models.iterdir() if path.name != STABLE]
+    card = json.loads((new / "model_card.json").read_text())
+    gate = card["release_gate"]
+    assert gate["stable"] == STABLE and gate["passed"] is False and gate["enforced"] is False
+    assert [check["name"] for check in gate["checks"]] == [
+        "test split",
+        "user-style uploads",
+        "printed digits",
+    ]
+    assert "proposed" not in card
+    report = (new / "training_report.md").read_text()
+    assert f"{STABLE} (stable)" in report and "**failed**" in report
 
 
 @pytest.mark.slow
@@ -196,13 +255,11 @@ def test_evaluate_compares_versions(installed: Path) -> None:
     output = run_ok("-m", "training.evaluate", str(installed), str(installed), "--subset", "60")
     table = output[output.index("int8 accuracy") :].split("\n", 1)[1]
     *rows, latency = [line for line in table.splitlines() if line.strip()]
-    assert [row.split("(")[0].strip() for row in rows] == [
-        "test split",
-        "user-style uploads",
-        "printed digits",
-        "other writers",
-    ]
-    for row in rows:  # two columns, the same model twice: the same accuracy
+    sets = ["test split", "user-style uploads", "printed digits", "other writers"]
+    # Accuracy per set, then the expected calibration error (15 bins) per set.
+    assert [row.split("(")[0].strip() for row in rows] == [*sets, "ECE, 15 bins", *sets]
+    rows.remove(rows[len(sets)])
+    for row in rows:  # two columns, the same model twice: the same figures
         first, second = (float(cell) for cell in row.split()[-2:])
         assert 0.0 <= first <= 1.0 and first == second
     assert latency.startswith("ms per image")
@@ -220,3 +277,54 @@ def test_recipe_v1_still_builds_the_first_model() -> None:
     output = run_ok("-c", code).split()
     # 131,754 parameters: what models/fe5e4f4d480b's card records for the first model.
     assert output[-2:] == ["mnist_cnn", "131754"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_run_is_reproducible_from_its_seed(tmp_path: Path) -> None:
+    """Issue 25: `make model` reproduces its figures. Same seed, same data, same weights:
+    the augmentation is seeded per chunk, the shuffles per network, TensorFlow's kernels are
+    deterministic. Two short distillation runs give bit-identical networks."""
+    runs = [tmp_path / "first", tmp_path / "second"]
+    for out in runs:
+        run_ok(
+            "train_model.py", "--subset", "200", "--epochs", "1", "--no-full-fit",
+            "--out-dir", str(out),
+        )  # fmt: skip
+    # Loading Keras starts TensorFlow: compare in a child process.
+    code = (
+        "import sys, numpy as np, keras\n"
+        "a, b = (keras.models.load_model(p).get_weights() for p in sys.argv[1:])\n"
+        "print('same' if all(np.array_equal(x, y) for x, y in zip(a, b)) else 'differ')\n"
+    )
+    output = run_ok("-c", code, *(str(out / "mnist_cnn.keras") for out in runs))
+    assert output.split()[-1] == "same"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_version_that_beats_stable_is_installed_and_proposed(tmp_path: Path) -> None:
+    """Issue 25's release path, on the shipped default stable's own float model: quantized
+    again, it beats the first version on the full sets, is installed with the same figures
+    its card reports, and is proposed as candidate (a 10% canary) for the release phase."""
+    shipped = ModelRegistry.discover(ROOT / "models").default_version()
+    assert shipped != STABLE
+    models = tmp_path / "models"
+    shutil.copytree(ROOT / "models" / STABLE, models / STABLE)
+    run_ok(
+        "quantize_model.py",
+        "--keras", str(ROOT / "models" / shipped / "mnist_cnn.keras"),
+        "--models-dir", str(models),
+        "--stable", STABLE,
+        "--latency-repeats", "8",
+    )  # fmt: skip
+    (new,) = [path for path in models.iterdir() if path.name != STABLE]
+    card = json.loads((new / "model_card.json").read_text())
+    assert card["release_gate"]["passed"] is True and card["release_gate"]["stable"] == STABLE
+    assert card["proposed"] == {"strategy": "canary", "candidate_share": 0.1}
+    assert pending_proposal(ModelRegistry.discover(models)) == Proposal(new.name)
+    reference = json.loads((ROOT / "models" / shipped / "model_card.json").read_text())
+    for key in ("accuracy_int8", "user_style_accuracy", "printed_accuracy"):
+        assert card["metrics"][key] == pytest.approx(reference["metrics"][key], abs=0.002), key
+    report = (new / "training_report.md").read_text()
+    assert "**passed**" in report and f"{STABLE} (stable)" in report

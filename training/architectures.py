@@ -61,16 +61,35 @@ def build_v2() -> keras.Model:
 
 @dataclass(frozen=True)
 class Recipe:
-    """A named way to build the network, and how many epochs it trains by default."""
+    """A named way to build the network, and how many epochs it trains by default.
+
+    A recipe with `teachers` first trains those networks (each `teacher_epochs`, seeds
+    `seed + 1 ...`) and then the shipped network as their student: it learns from the
+    teachers' mean probabilities at `temperature` as well as from the labels, with the
+    label's share of the loss `hard_weight`.
+    """
 
     build: Callable[[], keras.Model]
     epochs: int
     description: str
+    teachers: tuple[str, ...] = ()  # recipe names whose networks teach
+    teacher_epochs: int = 0
+    temperature: float = 1.0
+    hard_weight: float = 1.0
 
 
 RECIPES = {
     "v1": Recipe(build_v1, 40, "VGG-style CNN, 4 conv layers, 40 epochs"),
     "v2": Recipe(build_v2, 60, "VGG-style CNN, 5 conv layers (second conv at 7x7), 60 epochs"),
+    "v3": Recipe(
+        build_v2,
+        80,
+        "the v2 network, 80 epochs, distilled from 4 teachers (v2, v1, v2, v1; 50 epochs each)",
+        teachers=("v2", "v1", "v2", "v1"),
+        teacher_epochs=50,
+        temperature=3.0,
+        hard_weight=0.3,
+    ),
 }
 
 

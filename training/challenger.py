@@ -133,12 +133,13 @@ def float_accuracy(model: keras.Model, images: np.ndarray, labels: np.ndarray) -
     return float(np.mean(np.argmax(logits, axis=1) == labels))
 
 
-def predictions(model: DigitModel, images: np.ndarray) -> np.ndarray:
-    """The int8 model's digits for normalised images, through the service's own `DigitModel`."""
+def probabilities(model: DigitModel, images: np.ndarray) -> np.ndarray:
+    """The int8 model's probabilities (n, 10) for normalised images, through the service's
+    own `DigitModel`."""
     if not len(images):
-        return np.zeros(0, dtype=np.int64)
+        return np.zeros((0, 10), dtype=np.float32)
     chunks = [model.predict(images[i : i + 32]) for i in range(0, len(images), 32)]
-    return np.argmax(np.concatenate(chunks), axis=1)
+    return np.concatenate(chunks)
 
 
 def without_optimizer(model: keras.Model) -> keras.Model:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import statistics
 import sys
 import time
@@ -39,6 +40,7 @@ from sklearn.datasets import load_digits
 
 from mnist_api.imaging.preprocessing import preprocess
 from mnist_api.inference.model import DigitModel
+from training.calibration import expected_calibration_error
 from training.data import load_split, normalize_batch, stratified_subset
 
 TFLITE_FILE = "mnist_cnn_int8.tflite"
@@ -182,25 +184,42 @@ SUITES: dict[str, Callable[[int | None], Suite]] = {
 }
 
 
+def other_suites(subset: int | None = None) -> list[Suite]:
+    """The sets beside the test split: user-style uploads, printed digits, other writers."""
+    return [user_style_suite(subset), printed_suite(subset), other_writers_suite(subset)]
+
+
 def build_suites(subset: int | None = None) -> list[Suite]:
     """Every suite, optionally smaller (`subset` samples each, for smoke runs)."""
     return [make(subset) for make in SUITES.values()]
 
 
+def probabilities(model: DigitModel, images: np.ndarray) -> np.ndarray:
+    """A loaded model's probabilities (n, 10) on normalised images, in batches of 32."""
+    return np.concatenate([model.predict(images[i : i + 32]) for i in range(0, len(images), 32)])
+
+
 def accuracy(model: DigitModel, suite: Suite) -> float:
-    """Top-1 accuracy of a loaded model on a suite, in batches of 32."""
-    images = suite.images
-    predictions = [model.predict(images[i : i + 32]) for i in range(0, len(images), 32)]
-    return float(np.mean(np.argmax(np.concatenate(predictions), axis=1) == suite.labels))
+    """Top-1 accuracy of a loaded model on a suite."""
+    return float(np.mean(np.argmax(probabilities(model, suite.images), axis=1) == suite.labels))
 
 
 def suite_metrics(model: DigitModel, suites: Sequence[Suite]) -> dict[str, float | int]:
-    """`<suite>_accuracy` and `<suite>_samples` for each suite, as the model card keeps them."""
+    """`<suite>_accuracy`, `<suite>_ece` (15 bins) and `<suite>_samples` for each suite, as
+    the model card keeps them."""
     metrics: dict[str, float | int] = {}
     for suite in suites:
-        metrics[f"{suite.name}_accuracy"] = round(accuracy(model, suite), 4)
-        metrics[f"{suite.name}_samples"] = len(suite.labels)
+        metrics.update(set_metrics(suite.name, probabilities(model, suite.images), suite.labels))
     return metrics
+
+
+def set_metrics(name: str, found: np.ndarray, labels: np.ndarray) -> dict[str, float | int]:
+    """One evaluation set's card entries from the model's probabilities on it."""
+    return {
+        f"{name}_accuracy": round(float(np.mean(np.argmax(found, axis=1) == labels)), 4),
+        f"{name}_ece": round(expected_calibration_error(found, labels), 4),
+        f"{name}_samples": len(labels),
+    }
 
 
 def latency_ms(model: DigitModel, images: np.ndarray, batch: int, repeats: int) -> float:
@@ -241,12 +260,15 @@ def table(columns: Sequence[tuple[str, dict[str, float | int]]], suites: Sequenc
     """A plain-text table: one row per suite (with its size), one column per version."""
     width = max(12, *(len(name) for name, _ in columns)) + 2
     lines = [f"{'int8 accuracy':34}" + "".join(f"{name:>{width}}" for name, _ in columns)]
-    for suite in suites:
-        label = f"{suite.title} ({len(suite.labels)})"
-        key = f"{suite.name}_accuracy"
-        lines.append(
-            f"{label:34}" + "".join(f"{metrics[key]:>{width}.4f}" for _, metrics in columns)
-        )
+    for measure in ("accuracy", "ece"):
+        if measure == "ece":
+            lines.append(f"{'ECE, 15 bins':34}")
+        for suite in suites:
+            label = f"{suite.title} ({len(suite.labels)})"
+            key = f"{suite.name}_{measure}"
+            lines.append(
+                f"{label:34}" + "".join(f"{metrics[key]:>{width}.4f}" for _, metrics in columns)
+            )
     if all("latency_ms" in metrics for _, metrics in columns):
         cells = "".join(f"{metrics['latency_ms']:>{width}.3f}" for _, metrics in columns)
         lines.append(f"{'ms per image, 1 thread, batch 1':34}{cells}")
@@ -258,6 +280,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("versions", nargs="+", type=Path, help="models/<version> folders")
     parser.add_argument("--subset", type=int, default=None, help="smaller suites (smoke runs)")
+    parser.add_argument(
+        "--record",
+        action="store_true",
+        help="write the per-set figures a card lacks into it (cards made before a set or the "
+        "ECE was measured); the figures it holds are left as they are",
+    )
     args = parser.parse_args(argv)
     suites = build_suites(args.subset)
     models = [load_version(folder) for folder in args.versions]
@@ -271,7 +299,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     for (_, metrics), ms in zip(columns, latencies, strict=True):
         metrics["latency_ms"] = round(ms, 4)
     print(table(columns, suites))
+    if args.record and args.subset is None:
+        for folder, (_, metrics) in zip(args.versions, columns, strict=True):
+            record_missing(folder / CARD_FILE, metrics)
     return 0
+
+
+def record_missing(card_path: Path, measured: dict[str, float | int]) -> None:
+    """Add the per-set figures (`<set>_accuracy`, `_ece`, `_samples`) a card lacks.
+
+    The test split's accuracy is the card's `accuracy_int8`, so `test_accuracy` is not added.
+    """
+    card = json.loads(card_path.read_text())
+    metrics = card.setdefault("metrics", {})
+    added = [
+        key for key in measured if key not in metrics and key not in ("test_accuracy", "latency_ms")
+    ]
+    for key in added:
+        metrics[key] = measured[key]
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    print(f"{card_path}: added {', '.join(added) or 'nothing'}")
 
 
 if __name__ == "__main__":

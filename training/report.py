@@ -14,6 +14,8 @@ mpl.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 import numpy as np
 
+from training.calibration import ECE_BINS, expected_calibration_error, reliability_bins
+
 REPORT_MD = "retrain_report.md"
 REPORT_PNG = "retrain_report.png"
 
@@ -33,6 +35,22 @@ class Scores:
     predicted: np.ndarray
     # Per sample (the feedback holdout: capped per key); None: every sample weighs 1.
     weights: np.ndarray | None = None
+    # The model's probabilities (n, 10), for calibration; None: only the digits are known.
+    probabilities: np.ndarray | None = None
+
+    @classmethod
+    def of(
+        cls, labels: np.ndarray, probabilities: np.ndarray, weights: np.ndarray | None = None
+    ) -> Scores:
+        """Scores from a model's probabilities (its digit: the most probable one)."""
+        return cls(labels, np.argmax(probabilities, axis=1), weights, probabilities)
+
+    @property
+    def ece(self) -> float:
+        """Expected calibration error (15 bins, unweighted); NaN without probabilities."""
+        if self.probabilities is None or not self.count:
+            return math.nan
+        return expected_calibration_error(self.probabilities, self.labels)
 
     @property
     def count(self) -> int:
@@ -105,6 +123,8 @@ def write_markdown(report: Report, path: Path) -> None:
         f"| (a) fixed test split | {report.test_stable.count} | "
         f"{_percent(report.test_stable.accuracy)} | "
         f"{_percent(test_c.accuracy if test_c else None)} |",
+        f"| (a) expected calibration error, {ECE_BINS} bins | {report.test_stable.count} | "
+        f"{_percent(report.test_stable.ece)} | {_percent(test_c.ece if test_c else None)} |",
         f"| (b) newest feedback, held out | {hold_s.count if hold_s else 0} | "
         f"{_percent(hold_s.accuracy if hold_s else None)} | "
         f"{_percent(hold_c.accuracy if hold_c else None)} |",
@@ -120,15 +140,16 @@ def write_markdown(report: Report, path: Path) -> None:
         "",
         *(f"- {note}" for note in report.notes),
         "",
-        f"![confusion matrices and accuracy]({REPORT_PNG})",
+        f"![confusion matrices, accuracy and reliability]({REPORT_PNG})",
         "",
     ]
     path.write_text("\n".join(lines))
 
 
 def write_png(report: Report, path: Path) -> None:
-    """Stable's and the challenger's confusion matrices on (a), and the accuracy bars."""
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4.8))
+    """Stable's and the challenger's confusion matrices on (a), the accuracy bars, and the
+    reliability diagram on (a)."""
+    figure, axes = plt.subplots(1, 4, figsize=(20, 4.8))
     panels = [("stable", report.test_stable), ("challenger", report.test_challenger)]
     for axis, (name, scores) in zip(axes[:2], panels, strict=True):
         axis.set_title(f"{name} on (a) test split")
@@ -159,10 +180,33 @@ def write_png(report: Report, path: Path) -> None:
     bars.set_ylim(0, 1.1)
     bars.set_title("accuracy")
     bars.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=1, fontsize=8)
+    _reliability(axes[3], [("stable", report.test_stable), ("challenger", report.test_challenger)])
     figure.suptitle(report.decision)
     figure.tight_layout()
     figure.savefig(path, dpi=90)
     plt.close(figure)
+
+
+def _reliability(axis: plt.Axes, series: list[tuple[str, Scores | None]]) -> None:
+    """Accuracy against confidence per bin on (a): on the diagonal is calibrated."""
+    axis.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    for name, scores in series:
+        if scores is None or scores.probabilities is None:
+            continue
+        used = [b for b in reliability_bins(scores.probabilities, scores.labels) if b.count]
+        axis.plot(
+            [b.confidence for b in used],
+            [b.accuracy for b in used],
+            marker="o",
+            markersize=3,
+            label=f"{name} (ECE {_percent(scores.ece)})",
+        )
+    axis.set_title("reliability on (a) test split")
+    axis.set_xlabel(f"confidence ({ECE_BINS} bins)")
+    axis.set_ylabel("accuracy")
+    axis.set_xlim(0, 1.02)
+    axis.set_ylim(0, 1.02)
+    axis.legend(loc="upper left", fontsize=8)
 
 
 def _accuracy(scores: Scores | None) -> float:

@@ -56,6 +56,7 @@ from training.data import (
     normalize_batch,
     stratified_subset,
 )
+from training.evaluate import other_suites, suite_metrics
 from training.feedback_data import (
     FeedbackRules,
     export_npz,
@@ -77,6 +78,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     source.add_argument("--feedback", type=Path, help="read feedback from an exported .npz")
     parser.add_argument("--models-dir", type=Path, help="default: MODELS_DIR (models/)")
     parser.add_argument("--stable", help="the version to beat (default: the deployment's)")
+    parser.add_argument(
+        "--eval-subset",
+        type=int,
+        default=None,
+        help="the card's user-style, printed and other-writers figures on N samples each",
+    )
     parser.add_argument("--report-dir", type=Path, default=Path("build/retrain"))
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--subset", type=int, help="train on N base samples only (quick runs)")
@@ -162,12 +169,14 @@ def run(args: argparse.Namespace) -> int:
     print(feedback.describe(rules), flush=True)
 
     test_images = normalize_batch(split.x_test)
-    test_stable = reporting.Scores(split.y_test, challenger_model.predictions(stable, test_images))
+    test_stable = reporting.Scores.of(
+        split.y_test, challenger_model.probabilities(stable, test_images)
+    )
     holdout_stable = None
     if not feedback.plain:
-        holdout_stable = reporting.Scores(
+        holdout_stable = reporting.Scores.of(
             feedback.holdout_labels,
-            challenger_model.predictions(stable, feedback.holdout_images),
+            challenger_model.probabilities(stable, feedback.holdout_images),
             feedback.holdout_weights,
         )
 
@@ -230,13 +239,13 @@ def _gate_install_propose(
     candidate = DigitModel(staging / TFLITE_FILE)
     candidate.load()
     result.challenger = candidate.version
-    result.test_challenger = reporting.Scores(
-        y_test, challenger_model.predictions(candidate, test_images)
+    result.test_challenger = reporting.Scores.of(
+        y_test, challenger_model.probabilities(candidate, test_images)
     )
     if not feedback.plain:
-        result.holdout_challenger = reporting.Scores(
+        result.holdout_challenger = reporting.Scores.of(
             feedback.holdout_labels,
-            challenger_model.predictions(candidate, feedback.holdout_images),
+            challenger_model.probabilities(candidate, feedback.holdout_images),
             feedback.holdout_weights,
         )
     float_accuracy = challenger_model.float_accuracy(model, test_images, y_test)
@@ -364,7 +373,10 @@ def model_card(
         "metrics": {
             "accuracy_float": round(float_accuracy, 4),
             "accuracy_int8": round(result.test_challenger.accuracy, 4),
+            "test_ece": round(result.test_challenger.ece, 4),
             "test_samples": result.test_challenger.count,
+            # The same sets and figures as a `make model` version's card.
+            **suite_metrics(candidate, other_suites(args.eval_subset)),
         },
         "data": {
             "source": DATA_SOURCE,

@@ -104,7 +104,8 @@ def stable_version(settings: Settings, registry: ModelRegistry) -> str:
     Read from the database the service stores its deployment in (DATABASE_URL, else the
     embedded SQLite file, migrated first as `make run` does), so CI and a local run gate
     against the same version the service serves. Before the first change that is the
-    first-start default (DEFAULT_MODEL_VERSION, else the newest settled version).
+    first-start default (DEFAULT_MODEL_VERSION, else models/default_deployment.json's
+    choice, else the newest settled version).
     `StableUnknown` when the database cannot be read or its stable is not installed here:
     gating against another version would be gating against the wrong model.
     """
@@ -128,6 +129,17 @@ def stable_version(settings: Settings, registry: ModelRegistry) -> str:
             f"{registry.models_dir} (default would be {default}); install it or pass --stable"
         )
     return stable
+
+
+def _is_stable(version: str, settings: Settings) -> bool:
+    """True when the deployment in force already serves `version` as stable."""
+    manager = _manager(settings)
+    try:
+        return manager.current().stable == version
+    except DeploymentStoreUnavailable:
+        return False  # propose_candidate will say the database cannot be written
+    finally:
+        manager.store.dispose()
 
 
 def _manager(settings: Settings) -> DeploymentManager:
@@ -181,7 +193,12 @@ def release(settings: Settings) -> int:
             if done is not None:
                 print(f"candidate proposal: {proposal.version} was proposed before ({done})")
                 return 0
-            outcome = propose_candidate(proposal, settings, by=RELEASE_BY)
+            if _is_stable(proposal.version, settings):
+                # A fresh deployment starts with the chosen default (models/
+                # default_deployment.json) as stable: that version needs no canary.
+                outcome = Outcome(True, f"{proposal.version} is already the stable version")
+            else:
+                outcome = propose_candidate(proposal, settings, by=RELEASE_BY)
             print(f"candidate proposal: {outcome.message}")
             if outcome.applied:
                 connection.execute(

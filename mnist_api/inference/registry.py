@@ -26,6 +26,9 @@ from mnist_api.inference.model import MODEL_NAME, DigitModel
 
 TFLITE_FILE = "mnist_cnn_int8.tflite"
 CARD_FILE = "model_card.json"
+# Next to the version folders: which version a fresh deployment starts with as stable, and
+# the evidence it was chosen on (written by `python -m training.default_stable`).
+DEFAULT_DEPLOYMENT_FILE = "default_deployment.json"
 VERSION_LENGTH = 12
 
 
@@ -66,6 +69,24 @@ def _browser_model(folder: Path, card: dict[str, Any]) -> BrowserModel | None:
     return BrowserModel(path, sha256, len(content))
 
 
+def _chosen_default(models_dir: Path) -> str:
+    """The stable version `default_deployment.json` names, or "" without a usable file.
+
+    A file that cannot be read or parsed is a broken release: `RegistryError`, so the
+    release check and the service refuse it instead of silently starting another version.
+    """
+    path = models_dir / DEFAULT_DEPLOYMENT_FILE
+    if not path.is_file():
+        return ""
+    try:
+        chosen = json.loads(path.read_text()).get("stable", "")
+    except (OSError, ValueError, AttributeError) as error:
+        raise RegistryError(f"{path} cannot be read: {type(error).__name__}") from error
+    if not isinstance(chosen, str) or not chosen:
+        raise RegistryError(f"{path} names no stable version")
+    return chosen
+
+
 def is_version_dir(path: Path) -> bool:
     """True for a folder that looks like an installed version (12 hex digits, a .tflite)."""
     name = path.name
@@ -94,6 +115,8 @@ class ModelRegistry:
     proposed: set[str] = field(default_factory=set)
     # Each version's browser variant, found when the versions load (None: it has none).
     browser: dict[str, BrowserModel | None] = field(default_factory=dict)
+    # The stable version `default_deployment.json` names ("" without the file).
+    chosen_default: str = ""
 
     @classmethod
     def discover(cls, models_dir: Path) -> ModelRegistry:
@@ -114,7 +137,7 @@ class ModelRegistry:
             )
         models = {p.name: DigitModel(p / TFLITE_FILE, p / CARD_FILE) for p in folders}
         proposed = {name for name, card in cards.items() if card.get("proposed")}
-        return cls(models_dir, models, proposed)
+        return cls(models_dir, models, proposed, chosen_default=_chosen_default(models_dir))
 
     def load(self) -> None:
         """Load every version and check that each folder is named after its file's hash."""
@@ -138,12 +161,20 @@ class ModelRegistry:
         return next(reversed(self.models))
 
     def default_version(self, wanted: str = "") -> str:
-        """The stable version at first start: `wanted` (DEFAULT_MODEL_VERSION), else the
-        newest version not installed as a proposed candidate (else the newest).
+        """The stable version at first start: `wanted` (DEFAULT_MODEL_VERSION), else the one
+        `default_deployment.json` chose on evidence, else the newest version not installed
+        as a proposed candidate (else the newest).
 
-        `RegistryError` (a `ConfigError`: the service refuses to start) when `wanted` is
-        not installed.
+        `RegistryError` (a `ConfigError`: the service refuses to start) when `wanted`, or
+        the file's choice, is not installed.
         """
+        if not wanted and self.chosen_default:
+            if self.chosen_default not in self:
+                raise RegistryError(
+                    f"{DEFAULT_DEPLOYMENT_FILE} names {self.chosen_default!r}, which is not "
+                    f"installed under {self.models_dir}; installed: {', '.join(self.versions())}"
+                )
+            return self.chosen_default
         if not wanted:
             settled = [version for version in self.models if version not in self.proposed]
             return settled[-1] if settled else self.newest

@@ -31,6 +31,7 @@ import pytest
 import requests
 
 from mnist_api.config import PROJECT_ROOT
+from mnist_api.inference.registry import ModelRegistry
 from mnist_api.storage import db
 from tests.samples import as_paper, encode, sample
 from tools.postgres_server import PostgresServer, postgres_bin
@@ -41,7 +42,11 @@ ADMIN = "durable-admin-key"
 USER = {"x-api-key": API_KEYS[0]}
 ADMIN_HEADERS = {"x-api-key": ADMIN}
 TIMEOUT = 15
-STABLE, NEWER = "fe5e4f4d480b", "e983729cbdc9"  # the committed versions (NEWER is proposed)
+_COMMITTED = ModelRegistry.discover(PROJECT_ROOT / "models")
+# The first-start stable (models/default_deployment.json's choice), and another committed
+# version for the canaries and promotions.
+STABLE = _COMMITTED.default_version()
+NEWER = next(v for v in reversed(_COMMITTED.versions()) if v != STABLE)
 REFRESH_SECONDS = 1.0
 
 

@@ -144,3 +144,25 @@ def recorded(settings: Settings) -> list[tuple[str, str]]:
     finally:
         engine.dispose()
     return [(row[0], row[1]) for row in rows]
+
+
+def test_a_proposed_version_chosen_as_default_is_stable_and_not_proposed_again(
+    proposed: tuple[Settings, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 25: a fresh deployment starts with the version `default_deployment.json` chose,
+    even one whose card asks to be proposed; the release then has nothing to start."""
+    settings, version = proposed
+    (settings.models_dir / "default_deployment.json").write_text(json.dumps({"stable": version}))
+    registry = ModelRegistry.discover(settings.models_dir)
+    assert registry.default_version() == version
+    assert release(settings) == 0
+    assert "already the stable version" in capsys.readouterr().out
+    manager = proposals._manager(settings)
+    deployment = manager.current()
+    assert (deployment.strategy, deployment.stable, deployment.candidate) == (
+        "single",
+        version,
+        None,
+    )
+    manager.store.dispose()
+    assert recorded(settings) == [(version, "bandit")]  # remembered: never tried again

@@ -100,6 +100,7 @@ def quick(models_dir: Path, tmp_path: Path) -> list[str]:
         "--models-dir", str(models_dir), "--stable", STABLE,
         "--report-dir", str(tmp_path / "report"),
         "--epochs", "1", "--subset", "300", "--calibration-samples", "100",
+        "--eval-subset", "100",
     ]  # fmt: skip
 
 
@@ -135,11 +136,17 @@ def test_retrain_installs_a_better_challenger_from_feedback(
     )
     for name in ("mnist_cnn_int8.tflite", "mnist_cnn.keras", "retrain_report.md"):
         assert (folder / name).is_file()
+    # Issue 25: per evaluation set, accuracy and expected calibration error (15 bins).
+    for name in ("test", "user_style", "printed", "other_writers"):
+        assert 0.0 <= card["metrics"][f"{name}_ece"] <= 1.0, name
+    for name in ("user_style", "printed", "other_writers"):
+        assert 0.0 < card["metrics"][f"{name}_accuracy"] <= 1.0, name
     # The page's copy, listed with its own SHA-256 (the service offers it to the page).
     browser = (folder / card["browser"]["file"]).read_bytes()
     assert card["browser"]["sha256"] == hashlib.sha256(browser).hexdigest()
     report = (tmp_path / "report" / "retrain_report.md").read_text()
     assert "accepted" in report and folder.name in report
+    assert "(a) expected calibration error, 15 bins" in report
     png = (tmp_path / "report" / "retrain_report.png").read_bytes()
     assert png.startswith(b"\x89PNG")
     # The registry finds it (the newest); nothing half-made is left in the folder.

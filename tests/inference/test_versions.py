@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,12 @@ from flask.testing import FlaskClient
 
 from mnist_api.config import PROJECT_ROOT, ConfigError
 from mnist_api.extensions import SERVICE
-from mnist_api.inference.registry import ModelRegistry, RegistryError, short_version
+from mnist_api.inference.registry import (
+    DEFAULT_DEPLOYMENT_FILE,
+    ModelRegistry,
+    RegistryError,
+    short_version,
+)
 from mnist_api.inference.service import PredictionService
 from tests.samples import as_paper, encode, sample
 
@@ -188,3 +194,51 @@ def test_an_async_job_is_answered_by_the_version_chosen_when_it_was_accepted(
     )
     assert missing.status_code == 404
     assert missing.get_json()["code"] == "model_not_found"
+
+
+def with_default_file(tmp_path: Path, content: str) -> ModelRegistry:
+    """A copy of the committed versions with `content` as the default-deployment file."""
+    models = tmp_path / "models"
+    shutil.copytree(MODELS, models)
+    (models / DEFAULT_DEPLOYMENT_FILE).write_text(content)
+    return ModelRegistry.discover(models)
+
+
+def test_the_default_file_names_the_first_stable_and_the_setting_overrides_it(
+    tmp_path: Path,
+) -> None:
+    oldest, *_ = ModelRegistry.discover(MODELS).versions()
+    chosen = with_default_file(tmp_path, json.dumps({"stable": oldest}))
+    assert chosen.default_version() == oldest
+    newest = chosen.versions()[-1]
+    assert chosen.default_version(newest) == newest  # DEFAULT_MODEL_VERSION wins
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"stable": "0123456789ab"}', "not installed"),
+        ("{not json", "cannot be read"),
+        ('["a list"]', "cannot be read"),
+        ('{"stable": ""}', "names no stable"),
+    ],
+)
+def test_a_broken_default_file_is_a_config_error(
+    tmp_path: Path, content: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        with_default_file(tmp_path, content).default_version()
+
+
+def test_every_card_reports_accuracy_and_calibration_per_evaluation_set(
+    registry: ModelRegistry,
+) -> None:
+    """Issue 25: per set (test split, user-style, printed, other writers): accuracy, ECE
+    over 15 bins, samples; GET /models shows the card's metrics as they are."""
+    for model in registry:
+        metrics = model.card["metrics"]
+        assert 0.0 < metrics["accuracy_int8"] <= 1.0 and 0.0 <= metrics["test_ece"] < 0.2
+        for name in ("user_style", "printed", "other_writers"):
+            assert 0.0 < metrics[f"{name}_accuracy"] <= 1.0, (model.version, name)
+            assert 0.0 <= metrics[f"{name}_ece"] < 0.2, (model.version, name)
+            assert metrics[f"{name}_samples"] > 0

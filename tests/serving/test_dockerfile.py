@@ -276,6 +276,7 @@ def dockerignore_patterns() -> list[str]:
         ".ruff_cache/CACHEDIR.TAG",
         ".hypothesis/examples/x",
         "models/fe5e4f4d480b/mnist_cnn.keras",
+        "models/0123456789ab/training_report.png",
         "requirements-train.txt",
         "training/data.py",
     ],
@@ -296,6 +297,7 @@ def test_dockerignore_keeps_out(path: str, tmp_path: Path) -> None:
         "templates/index.html",
         "models/fe5e4f4d480b/mnist_cnn_int8.tflite",
         "models/fe5e4f4d480b/model_card.json",
+        "models/default_deployment.json",
     ],
 )
 def test_dockerignore_keeps_what_the_image_copies(path: str, tmp_path: Path) -> None:

@@ -107,6 +107,8 @@ def test_slug_keeps_what_the_procfile_processes_need(slug: dict[str, str]) -> No
         for path in (model.model_path, model.card_path, browser):
             assert path is not None
             needed.add(path.resolve().relative_to(ROOT).as_posix())
+    # The first-start stable version chosen on evidence (issue 25), read by every process.
+    needed.add("models/default_deployment.json")
     for entry in ("api", "make_celery", "gunicorn.conf", "mnist_api.serving.release_check"):
         assert entry in PROCFILE.read_text(), f"the Procfile no longer runs {entry}"
     missing = sorted(path for path in needed if slug.get(path, "?") != "")
