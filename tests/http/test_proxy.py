@@ -146,9 +146,16 @@ def test_bursts_with_idle_gaps_through_the_router(proxied: tuple[LiveServer, Ngi
         result = run_load(nginx.url, server.api_key, SHOTS, seconds=1.0, concurrency=32, seed=burst)
         sent += result.sent
         errors += result.unexpected
-        assert result.by_status.get(502, 0) == 0 and result.by_status.get(504, 0) == 0
-        # Idle: the router keeps its connections; the service may close them meanwhile.
-        time.sleep(rng.uniform(2.5, 3.5))
+        failed = result.by_status.get(502, 0) + result.by_status.get(504, 0)
+        assert not failed, f"burst {burst}: {result.by_status}\n{nginx.error_log()[-2000:]}"
+        # Idle: the router keeps its connections; the service may close them meanwhile. The
+        # worker closes an expired connection on its next loop turn (at most 1 s late, more
+        # on a loaded machine), so with a 2 s keep-alive the close lands 2-3+ s into the
+        # gap: a burst starting inside that window could meet a close in flight, a race
+        # HTTP/1.1 keep-alive cannot rule out (hence app.json's 100 s, longer than the
+        # router's 90 s). Gaps past it test what can be promised: a close the router saw
+        # costs no request. (A CI run under load saw 2 x 502 with 2.5-3.5 s gaps.)
+        time.sleep(rng.uniform(4.0, 5.0))
     print(f"through the router: {sent} requests in 4 bursts, errors {errors[:5]}")
     assert sent > 200
     assert errors == [], errors[:10]
