@@ -45,6 +45,30 @@ def quantization_of(spec: Any) -> dict[str, float | int]:
     return {"scale": spec.scale, "zero_point": spec.zero_point}
 
 
+def file_fields(model: DigitModel, tflite: bytes) -> dict[str, Any]:
+    """What a card says of its `.tflite` (name, version, hash, tensors, quantisation, labels):
+    what the service and the release check read. Shared by `quantize_model.py` and the
+    retraining's card."""
+    sha256 = hashlib.sha256(tflite).hexdigest()
+    assert model.input_spec is not None and model.output_spec is not None
+    return {
+        "name": MODEL_NAME,
+        "version": sha256[:12],
+        "sha256": sha256,
+        "size_bytes": len(tflite),
+        "input_shape": list(model.input_spec.shape),
+        "input_dtype": model.input_spec.dtype.name,
+        "output": "logits",
+        "output_shape": list(model.output_spec.shape),
+        "output_dtype": model.output_spec.dtype.name,
+        "quantization": {
+            "input": quantization_of(model.input_spec),
+            "output": quantization_of(model.output_spec),
+        },
+        "labels": list(range(10)),
+    }
+
+
 def model_card(
     args: argparse.Namespace,
     digit_model: DigitModel,
@@ -54,23 +78,8 @@ def model_card(
     metrics: dict[str, Any],
 ) -> dict[str, Any]:
     """The new version's card, apart from latency, browser variant, training and release."""
-    sha256 = hashlib.sha256(tflite).hexdigest()
-    assert digit_model.input_spec is not None and digit_model.output_spec is not None
     return {
-        "name": MODEL_NAME,
-        "version": sha256[:12],
-        "sha256": sha256,
-        "size_bytes": len(tflite),
-        "input_shape": list(digit_model.input_spec.shape),
-        "input_dtype": digit_model.input_spec.dtype.name,
-        "output": "logits",
-        "output_shape": list(digit_model.output_spec.shape),
-        "output_dtype": digit_model.output_spec.dtype.name,
-        "quantization": {
-            "input": quantization_of(digit_model.input_spec),
-            "output": quantization_of(digit_model.output_spec),
-        },
-        "labels": list(range(10)),
+        **file_fields(digit_model, tflite),
         "metrics": metrics,
         "gate": {
             "split": "validation",

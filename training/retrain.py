@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import math
 import os
@@ -44,11 +43,12 @@ from mnist_api.deployment.proposals import (
     stable_version,
 )
 from mnist_api.feedback.store import FeedbackRows
-from mnist_api.inference.model import MODEL_NAME, DigitModel
+from mnist_api.inference.model import DigitModel
 from mnist_api.inference.registry import CARD_FILE, TFLITE_FILE, ModelRegistry
 from training import challenger as challenger_model
 from training import report as reporting
 from training.browser_variant import write_browser_variant
+from training.card import file_fields
 from training.data import (
     DATA_SOURCE,
     SPLIT_EXPRESSION,
@@ -348,28 +348,9 @@ def model_card(
     plan: challenger_model.TrainingPlan,
 ) -> dict[str, Any]:
     """The new version's card: what the service and the release check read, and its story."""
-    assert candidate.input_spec is not None and candidate.output_spec is not None
     assert result.test_challenger is not None
-    sha256 = hashlib.sha256(tflite).hexdigest()
-
-    def quantization(spec: Any) -> dict[str, float | int]:
-        return {"scale": spec.scale, "zero_point": spec.zero_point}
-
     return {
-        "name": MODEL_NAME,
-        "version": sha256[:12],
-        "sha256": sha256,
-        "size_bytes": len(tflite),
-        "input_shape": list(candidate.input_spec.shape),
-        "input_dtype": candidate.input_spec.dtype.name,
-        "output": "logits",
-        "output_shape": list(candidate.output_spec.shape),
-        "output_dtype": candidate.output_spec.dtype.name,
-        "quantization": {
-            "input": quantization(candidate.input_spec),
-            "output": quantization(candidate.output_spec),
-        },
-        "labels": list(range(10)),
+        **file_fields(candidate, tflite),
         "metrics": {
             "accuracy_float": round(float_accuracy, 4),
             "accuracy_int8": round(result.test_challenger.accuracy, 4),

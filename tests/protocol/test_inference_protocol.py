@@ -593,17 +593,8 @@ def costly_bodies() -> dict[str, tuple[bytes, str | None]]:
     }
 
 
-@pytest.mark.parametrize("name", list(costly_bodies()))
-def test_the_cost_estimate_covers_what_parsing_really_holds(name: str) -> None:
-    """What is reserved covers the peak of what is parsed under the reservation (the
-    measure before it holds at most one 64 KiB chunk, or a short body's copy)."""
-    body, length = costly_bodies()[name]
-    header, tail = protocol.split_body(body, length)
-    estimate = protocol.parse_cost(
-        protocol.json_limits.measure(header, LIMITS.max_values), len(tail), length is not None
-    )
-    if length is not None:  # the JSON part's copy was made by split_body
-        header = bytes(header)
+def parse_peak(header: bytes, tail: Any) -> int:
+    """Bytes allocated at the peak of one parse, over what was allocated before it."""
     tracemalloc.start()
     try:
         tracemalloc.reset_peak()
@@ -616,5 +607,24 @@ def test_the_cost_estimate_covers_what_parsing_really_holds(name: str) -> None:
     finally:
         tracemalloc.stop()
     del result
+    return peak
+
+
+@pytest.mark.parametrize("name", list(costly_bodies()))
+def test_the_cost_estimate_covers_what_parsing_really_holds(name: str) -> None:
+    """What is reserved covers the peak of what is parsed under the reservation (the
+    measure before it holds at most one 64 KiB chunk, or a short body's copy)."""
+    body, length = costly_bodies()[name]
+    header, tail = protocol.split_body(body, length)
+    estimate = protocol.parse_cost(
+        protocol.json_limits.measure(header, LIMITS.max_values), len(tail), length is not None
+    )
+    if length is not None:  # the JSON part's copy was made by split_body
+        header = bytes(header)
+    # tracemalloc counts every thread of the process: in a full run, threads that earlier
+    # tests left (log sinks, clients) can allocate during the parse (a CI run measured
+    # +230 KB once). The parse's own peak is the same every time and others only add to it,
+    # so the smallest of three measures is the parse's.
+    peak = min(parse_peak(header, tail) for _ in range(3))
     print(f"{name}: body {len(body)}, estimate {estimate}, peak {peak}")
     assert peak <= estimate, (name, peak, estimate)
