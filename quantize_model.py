@@ -1,11 +1,12 @@
 """Quantize a Keras CNN to full-integer int8 LiteRT and install it as a new model version.
 
-Calibration uses training images only. The accuracy gate compares int8 (through
+Calibration uses training images only. The int8 gate compares int8 (through
 `mnist_api.inference.model.DigitModel`, the code the service runs) with float on the validation
-split,
-the 500 training images `train_model.py` holds out (same seed and size): the test split is
-never used to decide anything, it is only reported on the card, with the printed-digit,
-user-style and other-writers suites of `training.evaluate`.
+split, the 500 training images `train_model.py` holds out (same seed and size). The release
+gate (`training/release_gate.py`) then compares the new version with the stable one on the
+test split, user-style uploads and printed digits; the other-writers (UCI) figures are
+measured and written on the card, never decided on. A version that passes is marked to be
+proposed as candidate.
 
 Everything is written to a staging folder beside `--models-dir` first; only when the gate and
 the evaluation passed is the folder renamed, in one atomic step, to `models/<version>/`
@@ -47,7 +48,7 @@ from mnist_api.deployment.proposals import (
 )
 from mnist_api.inference.model import DigitModel
 from mnist_api.inference.registry import ModelRegistry, is_version_dir
-from training import model_report, release_gate
+from training import fitting, model_report, release_gate
 from training.browser_variant import check_variant, write_browser_variant
 from training.card import model_card, training_record
 from training.data import (
@@ -60,6 +61,7 @@ from training.data import (
 )
 from training.evaluate import (
     Suite,
+    accuracy,
     latency_ms,
     load_version,
     other_suites,
@@ -132,20 +134,6 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def keras_accuracy(model: keras.Model, images: np.ndarray, labels: np.ndarray) -> float:
-    """Top-1 accuracy of the float Keras model."""
-    logits = np.concatenate(
-        [model(images[i : i + 500, ..., None], training=False) for i in range(0, len(images), 500)]
-    )
-    return float(np.mean(np.argmax(logits, axis=1) == labels))
-
-
-def int8_accuracy(model: DigitModel, images: np.ndarray, labels: np.ndarray) -> float:
-    """Top-1 accuracy of the int8 model through the service's `DigitModel`, in batches of 32."""
-    predictions = [model.predict(images[i : i + 32]) for i in range(0, len(images), 32)]
-    return float(np.mean(np.argmax(np.concatenate(predictions), axis=1) == labels))
-
-
 def validation_images(split: Split, seed: int, subset: int | None) -> tuple[np.ndarray, np.ndarray]:
     """The validation rows `train_model.py` carves from the training split (same seed, size)."""
     mask = validation_mask(split.y_train, VALIDATION_SIZE, seed)
@@ -197,8 +185,8 @@ def main() -> int:
         digit_model = DigitModel(model_path=tflite_path)
         digit_model.load()
 
-        val_float = keras_accuracy(model, val_images, y_val)
-        val_int8 = int8_accuracy(digit_model, val_images, y_val)
+        val_float = fitting.accuracy(model, val_images, y_val)
+        val_int8 = accuracy(digit_model, Suite("validation", "validation", val_images, y_val))
         print(
             f"validation accuracy: float {val_float:.4f}, int8 {val_int8:.4f} "
             f"({len(y_val)} samples)",
@@ -213,7 +201,7 @@ def main() -> int:
             )
             return 1
 
-        test_float = keras_accuracy(model, x_test, y_test)
+        test_float = fitting.accuracy(model, x_test, y_test)
         suites = [Suite("test", "test split", x_test, y_test), *other_suites(args.subset)]
         found = {suite.name: probabilities(digit_model, suite.images) for suite in suites}
         measured = measure(found, suites)

@@ -74,6 +74,33 @@ def expected_calibration_error(
     )
 
 
+def draw_reliability(axis: plt.Axes, series: list[tuple[str, np.ndarray, np.ndarray]]) -> None:
+    """One reliability panel: per series, accuracy against mean confidence per bin (point
+    area: the bin's share of answers), its ECE in the legend, the diagonal for reference."""
+    axis.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    for name, probabilities, labels in series:
+        used = [b for b in reliability_bins(probabilities, labels) if b.count]
+        ece = expected_calibration_error(probabilities, labels)
+        (line,) = axis.plot(
+            [b.confidence for b in used],
+            [b.accuracy for b in used],
+            linewidth=1,
+            alpha=0.6,
+            label=f"{name} (ECE {ece * 100:.2f}%)",
+        )
+        axis.scatter(
+            [b.confidence for b in used],
+            [b.accuracy for b in used],
+            s=[6 + 300 * b.count / len(labels) for b in used],
+            color=line.get_color(),
+        )
+    axis.set_xlabel(f"confidence ({ECE_BINS} bins; area: share of answers)")
+    axis.set_ylabel("accuracy")
+    axis.set_xlim(0, 1.02)
+    axis.set_ylim(0, 1.02)
+    axis.legend(loc="upper left", fontsize=7)
+
+
 def reliability_diagram(
     panels: list[tuple[str, list[tuple[str, np.ndarray, np.ndarray]]]], path: Path
 ) -> None:
@@ -87,29 +114,8 @@ def reliability_diagram(
     """
     figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.4), squeeze=False)
     for axis, (title, series) in zip(axes[0], panels, strict=True):
-        axis.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
-        for name, probabilities, labels in series:
-            used = [b for b in reliability_bins(probabilities, labels) if b.count]
-            ece = expected_calibration_error(probabilities, labels)
-            (line,) = axis.plot(
-                [b.confidence for b in used],
-                [b.accuracy for b in used],
-                linewidth=1,
-                alpha=0.6,
-                label=f"{name} (ECE {ece * 100:.2f}%)",
-            )
-            axis.scatter(
-                [b.confidence for b in used],
-                [b.accuracy for b in used],
-                s=[6 + 300 * b.count / len(labels) for b in used],
-                color=line.get_color(),
-            )
+        draw_reliability(axis, series)
         axis.set_title(f"{title} ({len(series[0][2])})", fontsize=10)
-        axis.set_xlabel(f"confidence ({ECE_BINS} bins; area: share of answers)")
-        axis.set_ylabel("accuracy")
-        axis.set_xlim(0, 1.02)
-        axis.set_ylim(0, 1.02)
-        axis.legend(loc="upper left", fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=90)
     plt.close(figure)

@@ -14,7 +14,7 @@ mpl.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 import numpy as np
 
-from training.calibration import ECE_BINS, expected_calibration_error, reliability_bins
+from training.calibration import ECE_BINS, draw_reliability, expected_calibration_error
 
 REPORT_MD = "retrain_report.md"
 REPORT_PNG = "retrain_report.png"
@@ -189,24 +189,15 @@ def write_png(report: Report, path: Path) -> None:
 
 def _reliability(axis: plt.Axes, series: list[tuple[str, Scores | None]]) -> None:
     """Accuracy against confidence per bin on (a): on the diagonal is calibrated."""
-    axis.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
-    for name, scores in series:
-        if scores is None or scores.probabilities is None:
-            continue
-        used = [b for b in reliability_bins(scores.probabilities, scores.labels) if b.count]
-        axis.plot(
-            [b.confidence for b in used],
-            [b.accuracy for b in used],
-            marker="o",
-            markersize=3,
-            label=f"{name} (ECE {_percent(scores.ece)})",
-        )
+    draw_reliability(
+        axis,
+        [
+            (name, scores.probabilities, scores.labels)
+            for name, scores in series
+            if scores is not None and scores.probabilities is not None
+        ],
+    )
     axis.set_title("reliability on (a) test split")
-    axis.set_xlabel(f"confidence ({ECE_BINS} bins)")
-    axis.set_ylabel("accuracy")
-    axis.set_xlim(0, 1.02)
-    axis.set_ylim(0, 1.02)
-    axis.legend(loc="upper left", fontsize=8)
 
 
 def _accuracy(scores: Scores | None) -> float:
